@@ -1,0 +1,333 @@
+"""One validated config tree for every seqface command.
+
+Defaults live here and nowhere else. A config is built from these defaults, then a YAML
+file, then ``section.key=value`` overrides from the command line. Unknown keys, wrong
+types and impossible values are refused with a :class:`ConfigError` that names the key,
+before any work starts.
+
+    cfg = load_config("configs/local-cpu.yaml", ["loss.dsa_p=0.02", "train.num_workers=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an impossible value."""
+
+
+def _check(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {reason}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "sphere20"  # sphere20 | sphere36 | sphere64 | iresnet50 | iresnet100 | ...
+    embedding_dim: int = 512
+    input_size: list[int] = field(default_factory=lambda: [112, 96])  # height, width
+    in_channels: int = 3
+
+    def validate(self, p: str) -> None:
+        from seqface_dist.models import BACKBONES  # local: models import torch
+
+        _check(self.backbone in BACKBONES, f"{p}.backbone",
+               f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+        _check(self.embedding_dim >= 1, f"{p}.embedding_dim", "must be >= 1")
+        _check(len(self.input_size) == 2 and all(s >= 8 for s in self.input_size),
+               f"{p}.input_size", "must be [height, width], each >= 8")
+        _check(self.in_channels in (1, 3), f"{p}.in_channels", "must be 1 or 3")
+
+
+@dataclass
+class LossConfig:
+    # Chief loss: L2-constrained margin softmax over identities, LSR for sequence samples.
+    margin: str = "sphereface"  # sphereface | arcface | cosface
+    m: int = 4  # A-Softmax angular margin
+    scale: float = 32.0
+    lambda_base: float = 5.0  # lambda_t = max(lambda_min, base * (1 + gamma t)^-power)
+    lambda_gamma: float = 0.12
+    lambda_power: float = 1.0
+    lambda_min: float = 5.0
+    arcface_margin: float = 0.5
+    cosface_margin: float = 0.35
+    reference_margin_grad: bool = False  # the Caffe layer's rescaled (not true) gradient
+    sampled_softmax_fraction: float = 1.0  # Partial-FC style; 1.0 = full softmax
+    # DSA auxiliary loss.
+    dsa_lambda: float = 0.5
+    dsa_alpha: float = 2.0
+    dsa_beta: float = 1.0
+    dsa_p: float = 0.01
+    dsa_sampler: str = "exact"  # exact (reference: floor(N p) distinct) | bernoulli
+    dsa_normalize_scale: float = 0.0  # 0 = raw features (reference); > 0 = normalise to it
+    center_lr: float = -1.0  # < 0: same as the backbone's learning rate (reference)
+    center_momentum: float = 0.9
+    # Weights of the total loss.
+    chief_weight: float = 1.0
+    dsa_weight: float = 0.04
+
+    def validate(self, p: str) -> None:
+        _check(self.margin in ("sphereface", "arcface", "cosface"), f"{p}.margin",
+               f"unknown margin {self.margin!r}; choose sphereface, arcface or cosface")
+        _check(self.m in (1, 2, 3, 4), f"{p}.m", f"must be one of 1, 2, 3, 4 (got {self.m})")
+        _check(self.scale > 0, f"{p}.scale", "must be > 0")
+        _check(self.lambda_min >= 0 and self.lambda_base >= 0, f"{p}.lambda_min",
+               "lambda_base and lambda_min must be >= 0")
+        _check(self.lambda_gamma >= 0 and self.lambda_power >= 0, f"{p}.lambda_gamma",
+               "lambda_gamma and lambda_power must be >= 0")
+        _check(0.0 <= self.arcface_margin < 3.14159, f"{p}.arcface_margin", "must be in [0, pi)")
+        _check(0.0 <= self.cosface_margin < 2.0, f"{p}.cosface_margin", "must be in [0, 2)")
+        _check(0.0 < self.sampled_softmax_fraction <= 1.0, f"{p}.sampled_softmax_fraction",
+               "must be in (0, 1]")
+        _check(0.0 <= self.dsa_lambda <= 1.0, f"{p}.dsa_lambda",
+               f"must be in [0, 1] (got {self.dsa_lambda})")
+        _check(self.dsa_alpha >= 1.0, f"{p}.dsa_alpha", f"must be >= 1 (got {self.dsa_alpha})")
+        _check(self.dsa_beta >= 0.0, f"{p}.dsa_beta", "must be >= 0")
+        _check(0.0 <= self.dsa_p <= 1.0, f"{p}.dsa_p", f"must be in [0, 1] (got {self.dsa_p})")
+        _check(self.dsa_sampler in ("exact", "bernoulli"), f"{p}.dsa_sampler",
+               "must be 'exact' or 'bernoulli'")
+        _check(self.dsa_normalize_scale >= 0, f"{p}.dsa_normalize_scale", "must be >= 0")
+        _check(0.0 <= self.center_momentum < 1.0, f"{p}.center_momentum", "must be in [0, 1)")
+        _check(self.chief_weight >= 0 and self.dsa_weight >= 0, f"{p}.dsa_weight",
+               "loss weights must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    # Shard sets: each a manifest URL or a brace pattern (s3://, file:// or a plain path).
+    # Several sets of one kind are concatenated in this order (DESIGN.md §4a).
+    identity_shards: list[str] = field(default_factory=list)
+    sequence_shards: list[str] = field(default_factory=list)
+    identities_per_batch: int = 32  # per worker, reference 32 + 32
+    sequences_per_batch: int = 32
+    num_workers: int = 2  # DataLoader workers per training worker
+    shuffle_buffer: int = 1000
+    resampled: bool = True  # fixed samples per epoch: uneven shards never hang the epoch end
+    samples_per_epoch: int = 0  # per worker; 0 = the shard set's size / world size
+    flip: bool = True
+    random_crop: int = 0  # pixels of random-crop padding; 0 = off
+    s3_endpoint_url: str = ""  # "" = AWS_ENDPOINT_URL or the standard AWS endpoint
+
+    def validate(self, p: str) -> None:
+        _check(self.identities_per_batch >= 0, f"{p}.identities_per_batch", "must be >= 0")
+        _check(self.sequences_per_batch >= 0, f"{p}.sequences_per_batch", "must be >= 0")
+        _check(self.identities_per_batch + self.sequences_per_batch > 0,
+               f"{p}.identities_per_batch", "a batch needs at least one sample")
+        _check(self.num_workers >= 0, f"{p}.num_workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", "must be >= 0")
+        _check(self.samples_per_epoch >= 0, f"{p}.samples_per_epoch", "must be >= 0")
+        _check(self.random_crop >= 0, f"{p}.random_crop", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"  # step (reference) | cosine (with warm-up)
+    milestones: list[int] = field(default_factory=lambda: [16000, 24000])
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    max_steps: int = 28000
+    grad_clip: float = 0.0  # global norm over backbone and head; 0 = off
+
+    def validate(self, p: str) -> None:
+        _check(self.lr > 0, f"{p}.lr", "must be > 0")
+        _check(0.0 <= self.momentum < 1.0, f"{p}.momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        _check(self.schedule in ("step", "cosine"), f"{p}.schedule", "must be 'step' or 'cosine'")
+        _check(list(self.milestones) == sorted(self.milestones), f"{p}.milestones",
+               "must be increasing")
+        _check(0.0 < self.gamma <= 1.0, f"{p}.gamma", "must be in (0, 1]")
+        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        _check(self.max_steps >= 1, f"{p}.max_steps", "must be >= 1")
+        _check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "seqface"
+    storage_path: str = "./runs"  # local folder or s3://bucket/prefix
+    num_workers: int = 2  # Ray Train workers (one per GPU, or CPU processes)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_failures: int = 3
+    resume_from: str = ""
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.run_name) and "/" not in self.run_name, f"{p}.run_name",
+               "must be a non-empty name without '/'")
+        _check(bool(self.storage_path), f"{p}.storage_path", "must not be empty")
+        _check(self.num_workers >= 1, f"{p}.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker >= 1, f"{p}.cpus_per_worker", "must be >= 1")
+        _check(self.zero_stage in (0, 1, 2), f"{p}.zero_stage", "must be 0, 1 or 2")
+        _check(self.precision in ("fp32", "bf16"), f"{p}.precision", "must be 'fp32' or 'bf16'")
+        _check(self.log_every >= 1, f"{p}.log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 1, f"{p}.checkpoint_every", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", "must be >= 1")
+        _check(self.max_failures >= 0, f"{p}.max_failures", "must be >= 0")
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback unless the cluster needs otherwise
+    port: int = 0  # 0 = any free port (several workers per node never collide)
+    service_discovery_file: str = ""  # Prometheus file_sd JSON the driver maintains
+
+    def validate(self, p: str) -> None:
+        _check(0 <= self.port < 65536, f"{p}.port", "must be in [0, 65535]")
+
+
+@dataclass
+class EvalConfig:
+    pairs: str = ""  # pairs set evaluated by rank 0 during training ("" = none)
+    every_steps: int = 0  # 0 = only at the end
+    flip_test: bool = True
+
+    def validate(self, p: str) -> None:
+        _check(self.every_steps >= 0, f"{p}.every_steps", "must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a config from dicts, YAML and overrides, with type checks.
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return value as type tp, or raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, arms[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b=value`` -> {"a": {"b": value}}; the value is read as YAML (1e-3, true, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like section.key=value")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{path}: an override key must look like section.key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: cannot parse value {raw!r}: {e}") from None
+    out: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        out = {part: out}
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (missing keys take the defaults)."""
+    return _build(Config, data, "").validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: the top level must be a mapping")
+        data = loaded
+    for text in overrides or []:
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
