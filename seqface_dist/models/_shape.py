@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def downsampled(size: int, times: int) -> int:
     """Side length after ``times`` stride-2 layers (3x3 pad 1 or 1x1 pad 0: both (n-1)//2+1)."""
@@ -19,3 +21,10 @@ def check_input(input_size: tuple[int, int] | list[int], times: int, name: str) 
         raise ValueError(f"{name}: input_size {list(input_size)} is too small for "
                          f"{times} stride-2 stages")
     return h, w
+
+
+def check_batch(x: torch.Tensor, input_size: tuple[int, int], channels: int, name: str) -> None:
+    """Refuse images of another size or channel count than the net was built for."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != (channels, *input_size):
+        raise ValueError(f"{name}: expected images (B, {channels}, {input_size[0]}, "
+                         f"{input_size[1]}), got {tuple(x.shape)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqface_dist.models._shape import check_input
+from seqface_dist.models._shape import check_batch, check_input
 
 IRESNET_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -77,6 +77,8 @@ class IResNet(nn.Module):
         self.fc = nn.Linear(cin * h * w, embedding_dim)
         self.features = nn.BatchNorm1d(embedding_dim, eps=_BN_EPS)
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.in_channels = in_channels
+        self.depth = depth
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -94,6 +96,7 @@ class IResNet(nn.Module):
         self.features.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, self.input_size, self.in_channels, f"iresnet{self.depth}")
         x = self.bn2(self.stages(self.stem(x)))
         x = self.fc(self.dropout(torch.flatten(x, 1)))
         return self.features(x)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqface_dist.models._shape import check_input
+from seqface_dist.models._shape import check_batch, check_input
 
 SPHERE_UNITS: dict[int, tuple[int, int, int, int]] = {
     20: (1, 2, 4, 1),
@@ -58,6 +58,8 @@ class SphereNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(cin * h * w, embedding_dim)
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.in_channels = in_channels
+        self.depth = depth
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -75,6 +77,7 @@ class SphereNet(nn.Module):
                 nn.init.normal_(m.conv2.weight, 0.0, 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, self.input_size, self.in_channels, f"sphere{self.depth}")
         return self.fc(torch.flatten(self.body(x), 1))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqface_dist.models._shape import check_input
+from seqface_dist.models._shape import check_batch, check_input
 
 _WIDTHS = (16, 32, 64)
 
@@ -29,6 +29,7 @@ class TinyNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(cin * h * w, embedding_dim)
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.in_channels = in_channels
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -39,6 +40,7 @@ class TinyNet(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, self.input_size, self.in_channels, "tiny")
         return self.fc(torch.flatten(self.body(x), 1))
 
 
