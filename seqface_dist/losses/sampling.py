@@ -1,0 +1,42 @@
+"""Negative centers for DSA: one set S per step, shared by the whole batch (DESIGN §2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SAMPLER_MODES = ("exact", "bernoulli")
+
+
+def sample_negatives(
+    num_centers: int, p: float, *, generator: torch.Generator, mode: str = "exact",
+    offset: int = 0,
+) -> torch.Tensor:
+    """Draw negative center indices (sorted LongTensor on the generator's device).
+
+    - "exact" (reference Caffe layer): floor(num_centers * p) distinct centers, a uniformly
+      random subset. The size is computed as in the reference, int(N * p) in floating point.
+    - "bernoulli" (the paper): each center independently with probability p.
+    `offset` is added to every index, so a rank can draw from its own block of rows.
+    """
+    where = "sample_negatives"
+    if isinstance(num_centers, bool) or not isinstance(num_centers, int) or num_centers < 0:
+        raise ValueError(f"{where}: num_centers must be an integer >= 0, got {num_centers!r}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{where}: p must be in [0, 1], got {p}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"{where}: offset must be an integer >= 0, got {offset!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator (seeded by the caller)")
+    device = generator.device
+    if mode == "exact":
+        k = math.floor(num_centers * p)
+        # O(N) per draw, like the reference's shuffle; cheap next to a step at N/R rows.
+        chosen = torch.randperm(num_centers, generator=generator, device=device)[:k]
+    elif mode == "bernoulli":
+        keep = torch.rand(num_centers, generator=generator, device=device) < p
+        chosen = keep.nonzero().squeeze(1)
+    else:
+        raise ValueError(f"{where}: unknown mode {mode!r}; choose one of {SAMPLER_MODES}")
+    return torch.sort(chosen).values + offset
