@@ -1,4 +1,12 @@
-"""``seqface eval ...``: verification protocols on exported models and checkpoints."""
+"""``seqface eval ...``: verification protocols on exported models and checkpoints.
+
+    seqface eval pairs --model model.pt --pairs lfw/pairs.txt --root lfw/images --flip
+    seqface eval bin   --model w.safetensors --backbone sphere20 --bin lfw.bin --roc roc.png
+    seqface eval video --model model.pt --splits ytf/splits.txt --root ytf/frames
+
+``--model`` is a TorchScript file, or a ``.safetensors`` state dict whose backbone is
+named by ``--backbone`` (or by the model section of ``--config``).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,124 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="verification on pairs and videos (evaluation issue)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser("eval", help="verification on pairs, .bin files and videos")
+    esub = p.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
+
+    pp = esub.add_parser("pairs", help="LFW-style pairs.txt + image root, 10-fold protocol")
+    pp.add_argument("--pairs", required=True, help="pairs.txt ('10 300' header)")
+    pp.add_argument("--root", required=True, help="image root: ROOT/name/name_0001.jpg")
+    _common(pp)
+    pp.set_defaults(handler=_run_pairs)
+
+    pb = esub.add_parser("bin", help="an insightface-style .bin verification file")
+    pb.add_argument("--bin", required=True, dest="bin_file", help="the .bin file")
+    _common(pb)
+    pb.set_defaults(handler=_run_bin)
+
+    pv = esub.add_parser("video", help="YouTube-Faces-style video pairs, 10 splits")
+    pv.add_argument("--splits", required=True, help="splits.txt: split, video1, video2, ..., same")
+    pv.add_argument("--root", required=True, help="frame root: ROOT/<video>/*.jpg")
+    pv.add_argument("--max-frames", type=int, default=0, help="frames per video (0 = all)")
+    _common(pv)
+    pv.set_defaults(handler=_run_video)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise SystemExit("seqface eval: not implemented yet (see the evaluation issue)")
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="TorchScript file or .safetensors weights")
+    p.add_argument("--config", default=None, help="config YAML whose model section describes "
+                   "the backbone of a .safetensors file")
+    p.add_argument("--backbone", default=None, help="backbone name (overrides --config)")
+    p.add_argument("--embedding-dim", type=int, default=None)
+    p.add_argument("--in-channels", type=int, default=None)
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="model input size (default: the model's own / the config's)")
+    p.add_argument("--flip", action="store_true", help="sum features of image and mirror")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--far", type=float, nargs="+", default=[1e-3, 1e-4],
+                   help="FAR targets for TAR@FAR")
+    p.add_argument("--roc", default=None, help="write the ROC curve to this PNG")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _model(args: argparse.Namespace):  # -> (nn.Module, input_size or None)
+    from seqface_dist.config import Config, load_config
+    from seqface_dist.eval.embed import load_model
+
+    cfg = load_config(args.config, []) if args.config else Config()
+    m = cfg.model
+    if args.backbone:
+        m.backbone = args.backbone
+    if args.embedding_dim is not None:
+        m.embedding_dim = args.embedding_dim
+    if args.in_channels is not None:
+        m.in_channels = args.in_channels
+    if args.input_size is not None:
+        m.input_size = list(args.input_size)
+    m.validate("model")
+    is_weights = str(args.model).endswith(".safetensors")
+    if is_weights and not (args.backbone or args.config):
+        raise SystemExit("seqface eval: a .safetensors model needs --backbone or --config")
+    net = load_model(args.model, m if is_weights else None, device=args.device)
+    return net, args.input_size
+
+
+def _finish(args: argparse.Namespace, res, label: str) -> int:
+    print(res.summary())
+    if args.roc:
+        from seqface_dist.eval.verification import plot_roc
+
+        print(f"ROC curve: {plot_roc({label: res}, args.roc, title=f'ROC: {label}')}")
+    return 0
+
+
+def _eval_set(args: argparse.Namespace, path: str, root: str | None) -> int:
+    from seqface_dist.eval.evaluate import evaluate_model, load_verification_set
+
+    vset = load_verification_set(path, root)
+    net, size = _model(args)
+    res = evaluate_model(net, vset, flip=args.flip, batch_size=args.batch_size,
+                         input_size=size, far_targets=args.far, progress=not args.no_progress,
+                         device=args.device)
+    return _finish(args, res, vset.name)
+
+
+def _clear_errors(fn):
+    """Bad files and arguments end with one line naming them, not a traceback."""
+    import functools
+    import pickle
+    import sys
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ValueError, KeyError, OSError, pickle.UnpicklingError) as e:
+            print(f"seqface eval {args.eval_command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_clear_errors
+def _run_pairs(args: argparse.Namespace) -> int:
+    return _eval_set(args, args.pairs, args.root)
+
+
+@_clear_errors
+def _run_bin(args: argparse.Namespace) -> int:
+    return _eval_set(args, args.bin_file, None)
+
+
+@_clear_errors
+def _run_video(args: argparse.Namespace) -> int:
+    from seqface_dist.eval.evaluate import evaluate_video_model
+    from seqface_dist.eval.video import read_video_splits
+
+    pairs = read_video_splits(args.splits)
+    net, size = _model(args)
+    res = evaluate_video_model(net, pairs, args.root, max_frames=args.max_frames,
+                               flip=args.flip, batch_size=args.batch_size, input_size=size,
+                               far_targets=args.far, progress=not args.no_progress,
+                               device=args.device)
+    return _finish(args, res, "video")

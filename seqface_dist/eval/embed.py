@@ -1,0 +1,159 @@
+"""Embeddings from a model for images given as files, encoded bytes or arrays.
+
+    net = load_model("model.safetensors", model_cfg)     # or a TorchScript file, or a module
+    feats = embed_images(net, paths, flip=True)          # (N, D) float32, not normalised
+
+Images are decoded with PIL as RGB (L for 1-channel models), resized to the model's
+input size (height, width) if they differ, scaled by (x - 127.5) / 128 and fed as NCHW.
+With ``flip`` the features of each image and of its left-right mirror are summed.
+The model runs in eval mode without gradients; its train/eval mode is restored after,
+so the trainer can call this between steps.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from seqface_dist.config import ModelConfig
+
+ImageSource = str | Path | bytes
+
+
+def load_model(model: nn.Module | str | Path, model_cfg: ModelConfig | None = None,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """A module, a TorchScript file, or a safetensors state dict + ``model_cfg``'s backbone."""
+    if isinstance(model, nn.Module):
+        return model.to(device)
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found")
+    if path.suffix == ".safetensors":
+        if model_cfg is None:
+            raise ValueError(f"{path}: a safetensors file holds only weights; name the "
+                             "backbone (model config / --backbone) to build the net")
+        from safetensors.torch import load_file
+
+        from seqface_dist.models import build_backbone  # lazy: the models pull in torch nets
+
+        net = build_backbone(model_cfg)
+        state = load_file(str(path))
+        # Checkpoints of wrapped modules carry a prefix; strip the common ones.
+        for prefix in ("module.", "backbone.", "_orig_mod."):
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: weights do not fit backbone "
+                             f"{model_cfg.backbone!r}: {e}") from e
+        return net.to(device)
+    try:
+        return torch.jit.load(str(path), map_location=device)
+    except Exception as e:
+        raise ValueError(f"{path}: not a TorchScript file (and not .safetensors): {e}") from e
+
+
+def _model_geometry(model: nn.Module, input_size: Sequence[int] | None,
+                    in_channels: int | None) -> tuple[tuple[int, int], int]:
+    size = input_size if input_size is not None else getattr(model, "input_size", None)
+    if size is None:
+        raise ValueError("input_size unknown: the model has no input_size attribute; pass "
+                         "input_size=(height, width)")
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"input_size must be (height, width), got {size!r}")
+    ch = in_channels if in_channels is not None else getattr(model, "in_channels", 3)
+    if ch not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {ch!r}")
+    return (int(size[0]), int(size[1])), int(ch)
+
+
+def decode_image(src: ImageSource | np.ndarray, size: tuple[int, int],
+                 channels: int = 3) -> np.ndarray:
+    """One image as uint8 (H, W, C) at ``size`` = (height, width)."""
+    from PIL import Image
+
+    mode = "RGB" if channels == 3 else "L"
+    if isinstance(src, np.ndarray):
+        arr = src
+        if arr.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8, got {arr.dtype}")
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        img = Image.fromarray(arr)
+    else:
+        try:
+            img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+            img.load()
+        except Exception as e:
+            where = f"{len(src)} bytes" if isinstance(src, bytes) else str(src)
+            raise ValueError(f"cannot decode image ({where}): {e}") from e
+    img = img.convert(mode)
+    if img.size != (size[1], size[0]):  # PIL sizes are (width, height)
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+    out = np.asarray(img, dtype=np.uint8)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float (B, C, H, W) scaled by (x - 127.5) / 128."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+    return (x - 127.5) / 128.0
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, images: Sequence[ImageSource] | np.ndarray, *,
+                 flip: bool = False, batch_size: int = 64,
+                 input_size: Sequence[int] | None = None, in_channels: int | None = None,
+                 device: str | torch.device | None = None,
+                 progress: bool = True, desc: str = "embed") -> np.ndarray:
+    """Features (N, D) float32 for N images (paths, encoded bytes, or uint8 arrays)."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    size, ch = _model_geometry(model, input_size, in_channels)
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    n = len(images)
+    was_training = model.training
+    model.eval()
+    out: list[np.ndarray] = []
+    try:
+        for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress,
+                          unit="batch"):
+            chunk = images[start:start + batch_size]
+            batch = np.stack([decode_image(s, size, ch) for s in chunk])
+            x = to_tensor(batch).to(device)
+            f = model(x)
+            if flip:
+                f = f + model(torch.flip(x, dims=[3]))
+            if f.ndim != 2 or f.shape[0] != x.shape[0]:
+                raise ValueError(f"model returned shape {tuple(f.shape)} for a batch of "
+                                 f"{x.shape[0]}; expected (batch, dim)")
+            out.append(f.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not out:
+        raise ValueError("embed_images: no images")
+    return np.concatenate(out)
+
+
+def embed_folder(model: nn.Module, folder: str | Path, **kw: object) -> tuple[list[Path],
+                                                                            np.ndarray]:
+    """Every image under ``folder`` (recursively, sorted) and its feature."""
+    from seqface_dist.eval.pairs import IMAGE_EXTS
+
+    folder = Path(folder)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not paths:
+        raise FileNotFoundError(f"no images under {folder}")
+    return paths, embed_images(model, paths, **kw)
