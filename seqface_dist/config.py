@@ -185,11 +185,16 @@ class TrainConfig:
 @dataclass
 class MetricsConfig:
     enabled: bool = True
-    host: str = "127.0.0.1"  # loopback unless the cluster needs otherwise
+    host: str = "127.0.0.1"  # loopback unless the cluster needs otherwise (0.0.0.0 on a cluster)
     port: int = 0  # 0 = any free port (several workers per node never collide)
-    service_discovery_file: str = ""  # Prometheus file_sd JSON the driver maintains
+    # Address Prometheus scrapes; "" = the node IP when host is 0.0.0.0, else host.
+    advertise_host: str = ""
+    # Folder Prometheus watches (file_sd glob <dir>/*.json); the driver keeps <run>.json
+    # there, listing every worker's endpoint. "" = no discovery file.
+    service_discovery_dir: str = ""
 
     def validate(self, p: str) -> None:
+        _check(bool(self.host), f"{p}.host", "must not be empty (127.0.0.1, 0.0.0.0, an IP)")
         _check(0 <= self.port < 65536, f"{p}.port", "must be in [0, 65535]")
 
 
