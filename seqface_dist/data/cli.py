@@ -1,14 +1,122 @@
-"""``seqface shards ...``: build, verify and describe WebDataset shard sets."""
+"""``seqface shards ...``: build, verify and describe WebDataset shard sets.
+
+    seqface shards build identity-tree ROOT OUT [--image-size 112x96] [--workers 8]
+    seqface shards build sequence-tree ROOT OUT
+    seqface shards build recordio TRAIN.rec OUT [--idx I.idx] [--lst I.lst] [--kind identity]
+    seqface shards verify URL       # counts, sizes and sha256 against the manifest; exit 1 if not
+    seqface shards info URL         # summary of a shard set
+
+OUT and URL: a folder, ``file://...`` or ``s3://bucket/prefix`` (``--endpoint-url`` or
+``AWS_ENDPOINT_URL`` for S3-compatible stores). URL may also be a manifest or brace pattern.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shards", help="build, verify and describe shard sets (data-plane issue)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser("shards", help="build, verify and describe shard sets")
+    ssub = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
+
+    b = ssub.add_parser("build", help="build a shard set from image folders or RecordIO")
+    b.add_argument("layout", choices=["identity-tree", "sequence-tree", "recordio"])
+    b.add_argument("source", help="ROOT folder, or the .rec file")
+    b.add_argument("out", help="output folder or s3://bucket/prefix")
+    b.add_argument("--image-size", default="112x96", help="HEIGHTxWIDTH (default 112x96)")
+    b.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    b.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    b.add_argument("--max-samples", type=int, default=10_000, help="samples per shard")
+    b.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard")
+    b.add_argument("--workers", type=int, default=1, help="shard-writing processes")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--kind", choices=["identity", "sequence"], default="identity",
+                   help="for recordio: what its labels are")
+    b.add_argument("--idx", default=None, help="for recordio: the .idx (default: beside the .rec)")
+    b.add_argument("--lst", default=None, help="for recordio: an im2rec .lst naming the sources")
+    b.add_argument("--endpoint-url", default="")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(handler=_build)
+
+    v = ssub.add_parser("verify", help="check a shard set against its manifest")
+    v.add_argument("url")
+    v.add_argument("--endpoint-url", default="")
+    v.set_defaults(handler=_verify)
+
+    i = ssub.add_parser("info", help="summarise a shard set")
+    i.add_argument("url")
+    i.add_argument("--endpoint-url", default="")
+    i.set_defaults(handler=_info)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise SystemExit("seqface shards: not implemented yet (see the data-plane issue)")
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--image-size {text!r}: expected HEIGHTxWIDTH, e.g. 112x96") from None
+    if h < 8 or w < 8:
+        raise SystemExit(f"--image-size {text!r}: each side must be >= 8")
+    return h, w
+
+
+def _build(args: argparse.Namespace) -> int:
+    from seqface_dist.data import build
+
+    opts = build.BuildOptions(
+        image_size=_size(args.image_size), channels=args.channels, quality=args.quality,
+        max_samples=args.max_samples, max_bytes=int(args.max_bytes), workers=args.workers,
+        seed=args.seed, endpoint_url=args.endpoint_url, progress=not args.no_progress)
+    try:
+        if args.layout == "recordio":
+            report = build.build_recordio(args.source, args.out, opts, kind=args.kind,
+                                          idx_path=args.idx, lst_path=args.lst)
+        elif args.layout == "identity-tree":
+            report = build.build_identity_tree(args.source, args.out, opts)
+        else:
+            report = build.build_sequence_tree(args.source, args.out, opts)
+    except (build.BuildError, FileNotFoundError, ValueError) as e:
+        print(f"seqface shards build: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from seqface_dist.data.manifest import ManifestError
+    from seqface_dist.data.verify import verify_shard_set
+
+    try:
+        res = verify_shard_set(args.url, args.endpoint_url, progress=True)
+    except ManifestError as e:
+        print(f"seqface shards verify: {e}", file=sys.stderr)
+        return 1
+    for err in res.errors:
+        print(f"FAIL {err}")
+    status = "OK" if res.ok else f"{len(res.errors)} problems"
+    print(f"{res.shard_set.url}: {res.checked} shards, {res.samples} samples: {status}")
+    return 0 if res.ok else 1
+
+
+def _info(args: argparse.Namespace) -> int:
+    from seqface_dist.data.manifest import ManifestError, resolve_shard_set
+
+    try:
+        ss = resolve_shard_set(args.url, args.endpoint_url)
+    except ManifestError as e:
+        print(f"seqface shards info: {e}", file=sys.stderr)
+        return 1
+    m = ss.manifest
+    counts = [c for _, c in ss.shards] or [0]
+    print(f"manifest:    {ss.url}")
+    n_name = "N_id" if m.kind == "identity" else "N_seq"
+    print(f"kind:        {m.kind} ({n_name} = {m.num_classes})")
+    print(f"samples:     {ss.num_samples} in {len(ss.shards)} shards "
+          f"(min {min(counts)}, max {max(counts)} per shard)")
+    print(f"images:      {m.image_size[0]}x{m.image_size[1]}, {m.channels} channels")
+    print(f"bytes:       {sum(s.bytes for s in m.shards)}")
+    print(f"source:      {m.source}")
+    skipped = sum(len(s.skipped) for s in m.shards)
+    if skipped:
+        print(f"skipped at build: {skipped} images (see build_report.json)")
+    return 0

@@ -1,0 +1,331 @@
+"""The trainer's input: mixed identity + sequence batches from shard sets.
+
+    from seqface_dist.data.loader import make_train_loader
+    loader = make_train_loader(cfg.data, rank=rank, world_size=world, image_size=(112, 96),
+                               channels=3, seed=cfg.train.seed)
+    loader.layout.num_identities, loader.layout.num_sequences  # sizes of the head
+    for epoch in range(...):
+        loader.set_epoch(epoch)
+        for images, centers in loader:   # len(loader) batches, the same on every rank
+            ...                          # images: float B x C x H x W, (x - 127.5) / 128
+                                         # centers: int64 B; identity y, or N_id + sequence q
+    loader.counters()                    # {"samples", "shards", "bytes", "s3_reopens",
+                                         #  "bad": {reason: n}} summed over workers
+
+Each batch holds ``identities_per_batch`` identity samples then ``sequences_per_batch``
+sequence samples (DESIGN.md §2.3), decoded, flipped/cropped at random, normalised.
+
+Batches per epoch are decided up front from the manifests, identically on every rank, and
+every DataLoader worker is given a quota it always meets, so no rank can run out first
+and hang the others at the epoch end:
+- resampled (``data.resampled``): ``samples_per_epoch // batch`` batches (default: all
+  samples of all sets / world size), each worker drawing shards with replacement;
+- non-resampled: each rank's share of shards, cut to the smallest rank's batch count;
+  a worker whose shards turn out to hold bad samples tops up with extra draws.
+
+For exact once-per-epoch reading of samples (no mixing) use :class:`SampleStream`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from seqface_dist.data import s3
+from seqface_dist.data.counters import DataCounters
+from seqface_dist.data.manifest import ShardSet, resolve_shard_set
+from seqface_dist.data.stream import ShardReader, ShardRef, assign_shards, kind_stream, shard_refs
+
+
+@dataclass
+class LabelLayout:
+    """Where each shard set's indices land among the centers (DESIGN.md §4a)."""
+
+    num_identities: int = 0
+    num_sequences: int = 0
+    identity_sets: list[dict] = field(default_factory=list)  # {url, offset, num_classes, ...}
+    sequence_sets: list[dict] = field(default_factory=list)  # offset counts from 0 (add N_id)
+
+    def to_dict(self) -> dict:
+        return {"num_identities": self.num_identities, "num_sequences": self.num_sequences,
+                "identity_sets": self.identity_sets, "sequence_sets": self.sequence_sets}
+
+
+def resolve_sets(specs: list[str], kind: str, endpoint_url: str = "") -> list[ShardSet]:
+    sets = [resolve_shard_set(s, endpoint_url) for s in specs]
+    for spec, s in zip(specs, sets, strict=True):
+        if s.kind != kind:
+            raise ValueError(f"{spec}: a {s.kind} shard set listed among the {kind} shards")
+    return sets
+
+
+def make_layout(id_sets: list[ShardSet], seq_sets: list[ShardSet]) -> LabelLayout:
+    lay = LabelLayout()
+    for s in id_sets:
+        lay.identity_sets.append({"url": s.url, "offset": lay.num_identities,
+                                  "num_classes": s.num_classes, "num_samples": s.num_samples})
+        lay.num_identities += s.num_classes
+    for s in seq_sets:
+        lay.sequence_sets.append({"url": s.url, "offset": lay.num_sequences,
+                                  "num_classes": s.num_classes, "num_samples": s.num_samples})
+        lay.num_sequences += s.num_classes
+    return lay
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augment(img: np.ndarray, rng: random.Random, flip: bool, crop_pad: int) -> np.ndarray:
+    """Random horizontal flip; random crop of the image padded by ``crop_pad`` zeros."""
+    if crop_pad > 0:
+        h, w = img.shape[:2]
+        padded = np.zeros((h + 2 * crop_pad, w + 2 * crop_pad, img.shape[2]), img.dtype)
+        padded[crop_pad:crop_pad + h, crop_pad:crop_pad + w] = img
+        y, x = rng.randint(0, 2 * crop_pad), rng.randint(0, 2 * crop_pad)
+        img = padded[y:y + h, x:x + w]
+    if flip and rng.random() < 0.5:
+        img = img[:, ::-1]
+    return img
+
+
+def to_tensor(batch: list[np.ndarray]) -> torch.Tensor:
+    """uint8 H x W x C arrays -> float B x C x H x W, (x - 127.5) / 128."""
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+    return x.float().sub_(127.5).div_(128.0).contiguous()
+
+
+# --------------------------------------------------------------------------- batch plan
+
+
+@dataclass
+class LoaderPlan:
+    """Everything a DataLoader worker needs (plain data: it is pickled to workers)."""
+
+    id_refs: list[ShardRef]
+    seq_refs: list[ShardRef]
+    ids_per_batch: int
+    seqs_per_batch: int
+    image_size: tuple[int, int]
+    channels: int
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    resampled: bool
+    samples_per_epoch: int  # per rank (resampled); 0 = all samples / world size
+    shuffle_buffer: int
+    flip: bool
+    crop_pad: int
+    endpoint_url: str
+
+    @property
+    def batch_size(self) -> int:
+        return self.ids_per_batch + self.seqs_per_batch
+
+    def _caps(self, rank: int, epoch: int) -> list[int]:
+        """Batches each worker of ``rank`` can make from its own shards (manifest counts)."""
+        caps = []
+        for w in range(self.num_workers):
+            c = []
+            for refs, per in ((self.id_refs, self.ids_per_batch),
+                              (self.seq_refs, self.seqs_per_batch)):
+                if per:
+                    mine = assign_shards(refs, rank, self.world_size, w, self.num_workers,
+                                         self.seed, epoch)
+                    c.append(sum(r.count for r in mine) // per)
+            caps.append(min(c))
+        return caps
+
+    def num_batches(self, epoch: int) -> int:
+        """Batches per rank this epoch: the same number on every rank."""
+        if self.resampled:
+            total = sum(r.count for r in self.id_refs + self.seq_refs)
+            spe = self.samples_per_epoch or total // self.world_size
+            return spe // self.batch_size
+        return min(sum(self._caps(r, epoch)) for r in range(self.world_size))
+
+    def quota(self, worker: int, epoch: int) -> int:
+        """Batches this rank's DataLoader worker ``worker`` makes (they add to num_batches)."""
+        n = self.num_batches(epoch)
+        if self.resampled:
+            return n // self.num_workers + (worker < n % self.num_workers)
+        caps = self._caps(self.rank, epoch)
+        # Lower the largest caps until they add up to n (water-filling, deterministic).
+        lo, hi = 0, max(caps, default=0)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(min(c, mid) for c in caps) >= n:
+                hi = mid
+            else:
+                lo = mid + 1
+        quotas = [min(c, lo - 1) if lo else 0 for c in caps]
+        extra = n - sum(quotas)
+        for w, c in enumerate(caps):
+            if extra and c >= lo:
+                quotas[w] += 1
+                extra -= 1
+        return quotas[worker]
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class MixedBatches(IterableDataset):
+    """Yields ``(images, centers, worker_id, counters_snapshot)`` batches (see TrainLoader)."""
+
+    def __init__(self, plan: LoaderPlan, epoch: int = 0):
+        self.plan, self.epoch = plan, epoch
+
+    def _stream(self, refs: list[ShardRef], kind: str, reader: ShardReader, w: int,
+                nw: int) -> Iterator:
+        p = self.plan
+        rng = random.Random(f"{kind}/{p.seed}/{self.epoch}/{p.rank}/{w}")
+        mine = assign_shards(refs, p.rank, p.world_size, w, nw, p.seed, self.epoch)
+        return kind_stream(reader, refs, mine, resampled=p.resampled, endless=True,
+                           shuffle_buffer=p.shuffle_buffer, rng=rng)
+
+    def __iter__(self):
+        p = self.plan
+        w, nw = _worker()
+        if nw != p.num_workers:
+            raise RuntimeError(f"plan made for {p.num_workers} workers, running in {nw}")
+        quota = p.quota(w, self.epoch)
+        counters = DataCounters()
+        reader = ShardReader(p.image_size, p.channels, p.endpoint_url, counters)
+        aug = random.Random(f"augment/{p.seed}/{self.epoch}/{p.rank}/{w}")
+        streams = []
+        if p.ids_per_batch:
+            streams.append((self._stream(p.id_refs, "identity", reader, w, nw), p.ids_per_batch))
+        if p.seqs_per_batch:
+            streams.append((self._stream(p.seq_refs, "sequence", reader, w, nw), p.seqs_per_batch))
+        for _ in range(quota):
+            imgs, centers = [], []
+            for it, per in streams:
+                for _ in range(per):
+                    center, img, _key, _url = next(it)
+                    imgs.append(augment(img, aug, p.flip, p.crop_pad))
+                    centers.append(center)
+            yield (to_tensor(imgs), torch.tensor(centers, dtype=torch.int64), w,
+                   counters.snapshot())
+
+
+class TrainLoader:
+    """Iterates ``len(self)`` batches ``(images, centers)`` per epoch; see the module doc."""
+
+    def __init__(self, plan: LoaderPlan, layout: LabelLayout, epoch: int = 0):
+        self.plan, self.layout = plan, layout
+        self.dataset = MixedBatches(plan, epoch)
+        self._done = DataCounters.empty()  # finished epochs
+        self._live: dict[int, dict] = {}  # latest snapshot per worker, this epoch
+        nw = plan.num_workers
+        self.dataloader = DataLoader(
+            self.dataset, batch_size=None, num_workers=nw,
+            worker_init_fn=_init_worker if nw else None,
+            prefetch_factor=4 if nw else None, persistent_workers=False)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def __len__(self) -> int:
+        return self.plan.num_batches(self.dataset.epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            for images, centers, w, snap in self.dataloader:
+                self._live[w] = snap
+                yield images, centers
+        finally:
+            for snap in self._live.values():
+                self._done = DataCounters.add(self._done, snap)
+            self._live = {}
+
+    def counters(self) -> dict:
+        total = self._done
+        for snap in self._live.values():
+            total = DataCounters.add(total, snap)
+        return total
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode; intra-op threads would only contend
+
+
+def make_train_loader(data_cfg, *, rank: int, world_size: int, image_size: tuple[int, int],
+                      channels: int, seed: int, epoch: int = 0,
+                      num_workers: int | None = None) -> TrainLoader:
+    """Build the loader for one training worker from ``cfg.data`` (a DataConfig)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    endpoint = data_cfg.s3_endpoint_url
+    s3.configure(endpoint)
+    id_sets = resolve_sets(list(data_cfg.identity_shards), "identity", endpoint)
+    seq_sets = resolve_sets(list(data_cfg.sequence_shards), "sequence", endpoint)
+    for name, sets, field_ in (("identity", id_sets, "identities_per_batch"),
+                               ("sequence", seq_sets, "sequences_per_batch")):
+        if getattr(data_cfg, field_) and not sets:
+            raise ValueError(f"data.{name}_shards is empty but data.{field_} = "
+                             f"{getattr(data_cfg, field_)}")
+    for s in id_sets + seq_sets:
+        if list(s.manifest.image_size) != list(image_size):
+            raise ValueError(f"{s.url}: images are {s.manifest.image_size[0]}x"
+                             f"{s.manifest.image_size[1]}, the model wants "
+                             f"{image_size[0]}x{image_size[1]}; rebuild the shards at that size")
+    layout = make_layout(id_sets, seq_sets)
+    plan = LoaderPlan(
+        id_refs=shard_refs(id_sets, 0), seq_refs=shard_refs(seq_sets, layout.num_identities),
+        ids_per_batch=data_cfg.identities_per_batch, seqs_per_batch=data_cfg.sequences_per_batch,
+        image_size=tuple(image_size), channels=channels, rank=rank, world_size=world_size,
+        num_workers=data_cfg.num_workers if num_workers is None else num_workers, seed=seed,
+        resampled=data_cfg.resampled, samples_per_epoch=data_cfg.samples_per_epoch,
+        shuffle_buffer=data_cfg.shuffle_buffer, flip=data_cfg.flip,
+        crop_pad=data_cfg.random_crop, endpoint_url=endpoint)
+    return TrainLoader(plan, layout, epoch)
+
+
+# --------------------------------------------------------------------------- plain samples
+
+
+class SampleStream(IterableDataset):
+    """Every sample of the given sets exactly once per epoch, split over ranks and workers.
+
+    Yields dicts ``{"center", "image" (uint8 H x W x C), "key", "url", "rank", "worker"}``;
+    for evaluation, checks and tests (use ``DataLoader(stream, batch_size=None, ...)``).
+    """
+
+    def __init__(self, sets: list[ShardSet], *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0,
+                 first_center: int = 0, endpoint_url: str = ""):
+        if len({s.kind for s in sets}) > 1:
+            raise ValueError("SampleStream reads shard sets of one kind")
+        self.refs = shard_refs(sets, first_center)
+        self.image_size = tuple(sets[0].manifest.image_size)
+        self.channels = sets[0].manifest.channels
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.shuffle_buffer, self.endpoint_url = shuffle_buffer, endpoint_url
+        self.counters = DataCounters()  # of the in-process iteration (num_workers=0)
+
+    def __iter__(self):
+        w, nw = _worker()
+        reader = ShardReader(self.image_size, self.channels, self.endpoint_url, self.counters)
+        mine = assign_shards(self.refs, self.rank, self.world_size, w, nw, self.seed, self.epoch)
+        rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{w}")
+        for center, img, key, url in kind_stream(reader, self.refs, mine, resampled=False,
+                                                 endless=False,
+                                                 shuffle_buffer=self.shuffle_buffer, rng=rng):
+            yield {"center": center, "image": img, "key": key, "url": url,
+                   "rank": self.rank, "worker": w}

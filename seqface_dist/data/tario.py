@@ -1,0 +1,157 @@
+"""Tar files for WebDataset shards: a deterministic writer and a tolerant streaming reader.
+
+Writer: fixed mtime/owner/mode, so the same samples give byte-identical shards (and the
+same sha256) on every rebuild.
+
+Reader: our own ustar parser instead of ``tarfile``'s stream mode, because that one gives
+up on the first bad header and the rest of the shard is lost. Here a member whose header
+checksum is wrong is skipped by scanning forward to the next valid header, and a shard that
+ends mid-member reports itself truncated. Events are reported through ``on_problem``; the
+caller counts them.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+BLOCK = 512
+
+
+class TarWriter:
+    """Append ``name -> bytes`` members to a tar stream, deterministically."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def _checksum_ok(block: bytes) -> bool:
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    return stored == unsigned
+
+
+def _octal(field: bytes) -> int:
+    field = field.split(b"\0", 1)[0].strip()
+    if field and field[0] & 0x80:  # GNU base-256 for huge sizes
+        return int.from_bytes(field[1:], "big")
+    return int(field or b"0", 8)
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def iter_members(f: BinaryIO,
+                 on_problem: Callable[[str, str], None]) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) for each regular file; report 'corrupt_tar' / 'truncated_shard'."""
+    pending_name: str | None = None  # from a GNU 'L' or pax 'x' long-name header
+    resyncing = False
+    while True:
+        block = _read_exact(f, BLOCK)
+        if len(block) < BLOCK:
+            if block:
+                on_problem("truncated_shard", f"ends inside a header ({len(block)} bytes)")
+            else:
+                on_problem("truncated_shard", "no end-of-archive marker")
+            return
+        if block == b"\0" * BLOCK:
+            if resyncing:
+                continue
+            return  # end of archive (the second zero block is not needed)
+        if not _checksum_ok(block):
+            if not resyncing:
+                on_problem("corrupt_tar", "bad tar header checksum; skipping to the next member")
+                resyncing = True
+            continue
+        resyncing = False
+        size = _octal(block[124:136])
+        kind = block[156:157]
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        data = _read_exact(f, padded)
+        if len(data) < padded and len(data) < size:
+            on_problem("truncated_shard", f"ends inside a member ({len(data)} of {size} bytes)")
+            return
+        data = data[:size]
+        if kind == b"L":
+            pending_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind == b"x":
+            for line in data.decode("utf-8", "replace").splitlines():
+                _, _, kv = line.partition(" ")
+                if kv.startswith("path="):
+                    pending_name = kv[5:]
+            continue
+        if kind not in (b"0", b"\0"):
+            pending_name = None
+            continue  # directories, links, ...: not sample data
+        if pending_name is not None:
+            name, pending_name = pending_name, None
+        else:
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if block[257:262] == b"ustar" and prefix:
+                name = prefix + "/" + name
+        yield name, data
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """WebDataset convention: key = path up to the first dot of the basename, ext = the rest."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1:
+        return None
+    return name[:dot], name[dot + 1:].lower()
+
+
+def iter_samples(f: BinaryIO, on_problem: Callable[[str, str], None]) -> Iterator[dict]:
+    """Group consecutive members by key into samples {"__key__": k, ext: bytes, ...}."""
+    current: dict | None = None
+    truncated = False
+
+    def note(reason: str, detail: str) -> None:
+        nonlocal truncated
+        truncated = truncated or reason == "truncated_shard"
+        on_problem(reason, detail)
+
+    for name, data in iter_members(f, note):
+        ke = split_key(name)
+        if ke is None or ke[0].rsplit("/", 1)[-1].startswith("__"):
+            continue
+        key, ext = ke
+        if current is not None and current["__key__"] != key:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key}
+        if ext in current:
+            on_problem("duplicate_member", f"{name} appears twice")
+            continue
+        current[ext] = data
+    # A sample cut by truncation is part of the truncation event, not a second problem.
+    if current is not None and not truncated:
+        yield current
