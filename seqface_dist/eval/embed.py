@@ -29,7 +29,11 @@ ImageSource = str | Path | bytes
 
 def load_model(model: nn.Module | str | Path, model_cfg: ModelConfig | None = None,
                device: str | torch.device = "cpu") -> nn.Module:
-    """A module, a TorchScript file, or a safetensors state dict + ``model_cfg``'s backbone."""
+    """A module, a file, or a safetensors state dict + ``model_cfg``'s backbone.
+
+    Files: ``.safetensors`` (weights; needs ``model_cfg``), ``.pt2`` (``torch.export``),
+    anything else is read as TorchScript.
+    """
     if isinstance(model, nn.Module):
         return model.to(device)
     path = Path(model)
@@ -55,10 +59,27 @@ def load_model(model: nn.Module | str | Path, model_cfg: ModelConfig | None = No
             raise ValueError(f"{path}: weights do not fit backbone "
                              f"{model_cfg.backbone!r}: {e}") from e
         return net.to(device)
+    if path.suffix == ".pt2":
+        try:
+            return _Exported(torch.export.load(str(path)).module().to(device))
+        except Exception as e:
+            raise ValueError(f"{path}: not a torch.export program: {e}") from e
     try:
         return torch.jit.load(str(path), map_location=device)
     except Exception as e:
-        raise ValueError(f"{path}: not a TorchScript file (and not .safetensors): {e}") from e
+        raise ValueError(f"{path}: not a TorchScript file (nor .pt2 / .safetensors): {e}") from e
+
+
+class _Exported(nn.Module):
+    """A ``torch.export`` module: its train/eval mode was fixed at export and it refuses
+    ``.eval()``, so it is held outside the module tree, where ``.eval()`` cannot reach."""
+
+    def __init__(self, gm: nn.Module) -> None:
+        super().__init__()
+        self._held = (gm,)  # a tuple: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._held[0](x)
 
 
 def _model_geometry(model: nn.Module, input_size: Sequence[int] | None,
