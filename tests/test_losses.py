@@ -471,6 +471,10 @@ def test_center_update_matches_loop_and_ignores_loss_weight(batch):
     rows, delta = center_update_delta(f, t, c)
     torch.testing.assert_close(delta, expected[rows])
     assert sorted(rows.tolist()) == sorted(set(t.tolist()))
+    cc = c.clone().requires_grad_(True)
+    (0.04 * dsa_loss(f, t, cc, n_id, negs, sparse_center_grad=True)).backward()
+    assert cc.grad.is_sparse and cc.grad._nnz() == len(set(t.tolist()))
+    torch.testing.assert_close(cc.grad.to_dense(), expected)
 
 
 def test_dsa_normalize_scale_matches_loop():

@@ -20,6 +20,10 @@ Gradients (custom autograd function):
 centers used (inside, like the reference's in-place normalisation) onto the sphere of
 that radius before distances; the center update is then taken between the projected
 quantities and applied to the stored rows.
+
+`sparse_center_grad=True` returns the center update as a sparse COO gradient holding only
+the batch's rows (a dense N x D zero tensor per step is wasteful for millions of centers;
+torch.optim.SGD accepts sparse gradients).
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def center_update_delta(
 class _DSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, centers, center_index, negatives, num_identities, lam, alpha,
-                beta, normalize_scale):
+                beta, normalize_scale, sparse_center_grad):
         batch = features.shape[0]
         own = _project(centers[center_index], normalize_scale)
         diff_pos = features - own
@@ -115,7 +119,7 @@ class _DSAFunction(torch.autograd.Function):
         num_active = active.sum()
         ctx.save_for_backward(features, center_index, own, diff_pos, neg, active)
         ctx.lam, ctx.alpha, ctx.num_neg = lam, alpha, num_neg
-        ctx.centers_shape = centers.shape
+        ctx.centers_shape, ctx.sparse_center_grad = centers.shape, sparse_center_grad
         pull, push = pull_i.mean(), push_i.mean()
         frac = num_active.to(features.dtype) / num_counted.clamp_min(1).to(features.dtype)
         extras = (pull, push, frac, num_counted, num_active)
@@ -143,9 +147,14 @@ class _DSAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Center update, independent of grad_loss by design (see module doc).
             rows, delta = _center_delta(features, center_index, own)
-            grad_c = torch.zeros(ctx.centers_shape, dtype=delta.dtype, device=delta.device)
-            grad_c.index_add_(0, rows, delta)
-        return grad_f, grad_c, None, None, None, None, None, None, None
+            if ctx.sparse_center_grad:
+                # torch.unique sorted the rows without repeats: already coalesced.
+                grad_c = torch.sparse_coo_tensor(rows.unsqueeze(0), delta, ctx.centers_shape,
+                                                 is_coalesced=True, check_invariants=False)
+            else:
+                grad_c = torch.zeros(ctx.centers_shape, dtype=delta.dtype, device=delta.device)
+                grad_c.index_add_(0, rows, delta)
+        return grad_f, grad_c, None, None, None, None, None, None, None, None
 
 
 def _check_dsa_inputs(features, center_index, centers, num_identities, negatives, lam, where):
@@ -173,7 +182,7 @@ def _check_dsa_inputs(features, center_index, centers, num_identities, negatives
 def dsa_terms(
     features: torch.Tensor, center_index: torch.Tensor, centers: torch.Tensor,
     num_identities: int, negatives: torch.Tensor, *, lam: float = 0.5, alpha: float = 2.0,
-    beta: float = 1.0, normalize_scale: float = 0.0,
+    beta: float = 1.0, normalize_scale: float = 0.0, sparse_center_grad: bool = False,
 ) -> DSATerms:
     """DSA loss and its parts. `centers` holds all N = N_id + N_seq rows; `negatives` are
     indices into it (from `sample_negatives`), one set for the whole batch."""
@@ -186,25 +195,27 @@ def dsa_terms(
     negatives = negatives.to(device=features.device, dtype=torch.long)
     center_index = center_index.to(device=features.device, dtype=torch.long)
     out = _DSAFunction.apply(features, centers, center_index, negatives, int(num_identities),
-                             float(lam), float(alpha), float(beta), float(normalize_scale))
+                             float(lam), float(alpha), float(beta), float(normalize_scale),
+                             bool(sparse_center_grad))
     return DSATerms(*out)
 
 
 def dsa_loss(
     features: torch.Tensor, center_index: torch.Tensor, centers: torch.Tensor,
     num_identities: int, negatives: torch.Tensor, *, lam: float = 0.5, alpha: float = 2.0,
-    beta: float = 1.0, normalize_scale: float = 0.0,
+    beta: float = 1.0, normalize_scale: float = 0.0, sparse_center_grad: bool = False,
 ) -> torch.Tensor:
     """Scalar DSA loss (mean over the batch); see the module doc for the gradients."""
     return dsa_terms(features, center_index, centers, num_identities, negatives, lam=lam,
-                     alpha=alpha, beta=beta, normalize_scale=normalize_scale).loss
+                     alpha=alpha, beta=beta, normalize_scale=normalize_scale,
+                     sparse_center_grad=sparse_center_grad).loss
 
 
 def center_loss(
     features: torch.Tensor, center_index: torch.Tensor, centers: torch.Tensor,
-    num_identities: int, *, normalize_scale: float = 0.0,
+    num_identities: int, *, normalize_scale: float = 0.0, sparse_center_grad: bool = False,
 ) -> torch.Tensor:
     """Plain center loss: mean d(f_i, c_{t_i}) = DSA with lam = 1 and no negatives."""
     no_negatives = torch.zeros(0, dtype=torch.long, device=features.device)
     return dsa_loss(features, center_index, centers, num_identities, no_negatives, lam=1.0,
-                    normalize_scale=normalize_scale)
+                    normalize_scale=normalize_scale, sparse_center_grad=sparse_center_grad)
