@@ -139,3 +139,14 @@ def test_read_bin_refuses_object_arrays_and_builtins(tmp_path: Path) -> None:
     f.write_bytes(pickle.dumps((IMAGES, [True, False], print)))
     with pytest.raises(UnsafePickleError, match="builtins.print"):
         read_bin(f)
+
+
+def test_read_bin_python2_pickle(tmp_path: Path) -> None:
+    # The older public .bin files are Python 2 pickles: image data as ``str``
+    # (SHORT_BINSTRING), which must come back as bytes. Hand-assembled opcodes:
+    # PROTO 2, [ 'abc', 'def' ], [ True ], TUPLE2, STOP.
+    raw = b"\x80\x02]q\x00(U\x03abcq\x01U\x03defq\x02e]q\x03\x88a\x86q\x04."
+    f = tmp_path / "py2.bin"
+    f.write_bytes(raw)
+    b = read_bin(f)
+    assert b.images == [b"abc", b"def"] and b.issame.tolist() == [True]
