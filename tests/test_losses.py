@@ -521,15 +521,17 @@ def test_sampler_seeded_reproducible():
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_exact_sampler_is_uniform_over_centers():
-    n, p, draws = 20, 0.25, 4000
+@pytest.mark.parametrize("p", [0.25, 0.6])  # rejection path (k <= n/4) and permutation path
+def test_exact_sampler_is_uniform_over_centers(p):
+    n, draws = 20, 4000
     g = torch.Generator().manual_seed(3)
     counts = torch.zeros(n)
     for _ in range(draws):
         counts[sample_negatives(n, p, generator=g)] += 1
-    # Each center is in a draw with probability k/n = p; allow 6 binomial sigmas.
-    sigma = math.sqrt(draws * p * (1 - p))
-    assert (counts - draws * p).abs().max() <= 6 * sigma
+    # Each center is in a draw with probability k/n; allow 6 binomial sigmas.
+    q = math.floor(n * p) / n
+    sigma = math.sqrt(draws * q * (1 - q))
+    assert (counts - draws * q).abs().max() <= 6 * sigma
 
 
 def test_bernoulli_sampler_expected_size():
