@@ -1,0 +1,101 @@
+"""The chief loss (margin softmax + LSR) over a row block of the classifier.
+
+One autograd Function does the block's whole forward and backward so that the only
+B x n_local buffer is allocated once and reused in place: cosines -> logits -> exp
+(forward, saved) -> probabilities -> logit gradients (backward). The softmax is assembled
+from two all-reduces of O(B) values (row max; then row sum of exp, target logit and row
+sum of logits). The backward needs no communication: the gradient it returns for the
+features is this block's share, summed over ranks by the features' all-gather.
+
+Math per sample i (DESIGN.md §2.1): identity rows l_i = lse(z_i) - z_iy, sequence rows
+l_i = lse(z_i) - mean_c z_ic; so dl_i/dz_ic = p_ic - q_ic with q one-hot or uniform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqface_dist.losses import margin_target_cos
+
+from .comm import Comm
+
+_ROWDOT_CHUNK = 1 << 16  # rows per chunk of the W-norm correction (bounds its temporary)
+
+
+@dataclass(frozen=True)
+class MarginSpec:
+    kind: str = "sphereface"
+    m: int = 4
+    scale: float = 32.0
+    arcface_margin: float = 0.5
+    cosface_margin: float = 0.35
+
+    def target_cos(self, cos: torch.Tensor, lam: float) -> torch.Tensor:
+        return margin_target_cos(cos, kind=self.kind, m=self.m, lam=lam,
+                                 arcface_margin=self.arcface_margin,
+                                 cosface_margin=self.cosface_margin)
+
+
+class BlockMarginSoftmax(torch.autograd.Function):
+    """Per-sample chief loss of the global batch, from this rank's block of W.
+
+    Inputs: ``fn`` (B x D) L2-normalised features of the global batch; ``weight``
+    (n x D) raw local rows of W; ``target_col`` (B,) local column of the sample's identity
+    where this rank owns it, else -1; ``is_seq`` (B,) bool. Returns l (B,), equal on all
+    ranks. Backward may run once (it reuses the saved buffer in place).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, weight, target_col, is_seq, comm: Comm, spec: MarginSpec,
+                lam: float, num_identities: int):
+        eps = torch.finfo(weight.dtype).tiny
+        inv_wnorm = weight.norm(dim=1).clamp_min(eps).reciprocal_()
+        z = fn @ weight.t()  # GEMM 1; the block's only B x n buffer from here on
+        z.mul_(inv_wnorm)  # cosines
+        rows = (target_col >= 0).nonzero().squeeze(1)
+        cols = target_col[rows]
+        with torch.enable_grad():  # d margin / d cos, for the backward
+            cos_t = z[rows, cols].detach().requires_grad_(True)
+            g_t = spec.target_cos(cos_t, lam)
+            (dg_t,) = torch.autograd.grad(g_t.sum(), cos_t) if rows.numel() else (cos_t,)
+        z[rows, cols] = g_t.detach()
+        z.mul_(spec.scale)  # logits
+
+        b = z.shape[0]
+        rowmax = (z.max(dim=1).values if z.shape[1] else
+                  torch.full((b,), float("-inf"), dtype=z.dtype, device=z.device))
+        comm.all_reduce_(rowmax, op="max")
+        stats = torch.zeros(3, b, dtype=z.dtype, device=z.device)
+        if bool(is_seq.any()):
+            stats[2] = z.sum(dim=1)  # LSR needs the mean logit over all N_id classes
+        stats[1, rows] = z[rows, cols]
+        z.sub_(rowmax[:, None]).exp_()
+        stats[0] = z.sum(dim=1)
+        comm.all_reduce_(stats)
+        sumexp, target, rowsum = stats
+        lse = rowmax + sumexp.log()
+        loss = torch.where(is_seq, lse - rowsum / num_identities, lse - target)
+
+        ctx.save_for_backward(z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_t, is_seq)
+        ctx.scale, ctx.num_identities = spec.scale, num_identities
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_t, is_seq = ctx.saved_tensors
+        g = z.div_(sumexp[:, None])  # probabilities p_ic, in place
+        g.sub_((is_seq.to(g.dtype) / ctx.num_identities)[:, None])  # LSR: q = 1/N_id
+        g[rows, cols] -= 1.0  # identity rows: q = one-hot
+        g.mul_((grad_loss * ctx.scale)[:, None])  # dL/dcos (before the margin)
+        g[rows, cols] *= dg_t
+        g.mul_(inv_wnorm)  # dL/d(fn . w_c) with cos = fn . w_c / |w_c|
+        grad_fn = g @ weight  # GEMM 2
+        grad_w = g.t() @ fn  # GEMM 3: A_c = sum_i g_ic fn_i
+        # d cos/d w_c = (fn - cos wn_c) / |w_c|  ->  grad_c = A_c - w_c (w_c . A_c) / |w_c|^2
+        for s in range(0, grad_w.shape[0], _ROWDOT_CHUNK):
+            a, w = grad_w[s:s + _ROWDOT_CHUNK], weight[s:s + _ROWDOT_CHUNK]
+            coef = torch.einsum("nd,nd->n", w, a) * inv_wnorm[s:s + _ROWDOT_CHUNK].square()
+            a.sub_(w * coef[:, None])
+        return grad_fn, grad_w, None, None, None, None, None, None

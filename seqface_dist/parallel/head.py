@@ -1,0 +1,230 @@
+"""The partitioned SeqFace head: classifier W and DSA centers split by rows over ranks.
+
+    comm = Comm()                                   # the world group, or Comm(group)
+    head = PartitionedHead(HeadSpec(num_identities=N_id, num_sequences=N_seq, dim=512),
+                           loss_cfg, comm)
+    opt = head.make_optimizer(lr=0.1, weight_decay=5e-4)
+    out = head(local_features, local_center_index, step=step)
+    (out.loss).backward()          # or engine.backward(out.loss) beside a DeepSpeed backbone
+    opt.step(); opt.zero_grad(set_to_none=True)
+
+Rank r owns rows ``layout.local_rows(r)`` of W (identities) and of the centers (its
+identity rows, then its sequence rows). Per step each rank sends O(B·D) for the
+features plus O(B) scalars, whatever N_id and N_seq are. Keep the head *out* of any
+data-parallel wrapper: DeepSpeed/DDP would broadcast and average the row blocks.
+The output loss is the global batch's loss, equal on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from seqface_dist.config import LossConfig
+from seqface_dist.losses import lambda_schedule, sample_negatives
+
+from .chief import BlockMarginSoftmax, MarginSpec
+from .comm import Comm, gather_rows
+from .dsa import BlockDSA
+from .optim import InPlaceSGD
+from .partition import HeadLayout
+
+_INIT_CHUNK = 4096  # rows per independently seeded init chunk: init is the same for any R
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    num_identities: int
+    num_sequences: int
+    dim: int = 512
+    seed: int = 0  # initialisation of W and the per-step negative draws
+    weight_init_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.num_identities < 1:
+            raise ValueError(f"HeadSpec.num_identities must be >= 1, got {self.num_identities}")
+        if self.num_sequences < 0:
+            raise ValueError(f"HeadSpec.num_sequences must be >= 0, got {self.num_sequences}")
+        if self.dim < 1:
+            raise ValueError(f"HeadSpec.dim must be >= 1, got {self.dim}")
+
+
+@dataclass
+class HeadOutput:
+    """The global batch's loss terms (equal on every rank). Only ``loss`` has gradients."""
+
+    loss: torch.Tensor  # chief_weight * chief + dsa_weight * dsa
+    chief: torch.Tensor  # mean chief loss over all samples
+    chief_identity: torch.Tensor  # its mean over identity samples (margin softmax)
+    chief_lsr: torch.Tensor  # its mean over sequence samples (LSR)
+    dsa: torch.Tensor  # mean DSA loss
+    dsa_pull: torch.Tensor  # mean of lam * d_pos
+    dsa_push: torch.Tensor  # mean of the hinge part
+    active_fraction: torch.Tensor  # active hinge terms / counted hinge terms
+    num_negatives: int  # |S| of this step, over all ranks
+    lam: float  # A-Softmax lambda of this step
+
+
+def _chunked_normal_(block: torch.Tensor, row0: int, std: float, seed: int) -> None:
+    """Fill rows [row0, row0 + len) of a virtual global matrix, identically for any R."""
+    n, d = block.shape
+    first, last = row0 // _INIT_CHUNK, (row0 + n - 1) // _INIT_CHUNK
+    for c in range(first, last + 1):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        chunk = torch.randn(_INIT_CHUNK, d, generator=g, dtype=torch.float64) * std
+        lo, hi = max(row0, c * _INIT_CHUNK), min(row0 + n, (c + 1) * _INIT_CHUNK)
+        block[lo - row0:hi - row0].copy_(chunk[lo - c * _INIT_CHUNK:hi - c * _INIT_CHUNK])
+
+
+class PartitionedHead(nn.Module):
+    def __init__(self, spec: HeadSpec, loss: LossConfig | None = None, comm: Comm | None = None,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 feature_grad_scale: float = 1.0) -> None:
+        super().__init__()
+        self.spec, self.cfg = spec, loss or LossConfig()
+        self.comm = comm or Comm()
+        if self.cfg.reference_margin_grad:
+            raise ValueError("loss.reference_margin_grad: the partitioned head uses the true "
+                             "gradient only; the reference's rescaled gradient is single-process")
+        if self.cfg.dsa_normalize_scale > 0:
+            raise ValueError("loss.dsa_normalize_scale: not supported by the partitioned head")
+        self.layout = HeadLayout(spec.num_identities, spec.num_sequences, self.comm.world_size)
+        self.rank = self.comm.rank
+        self._check_ranks_agree(dtype)
+        self.margin = MarginSpec(self.cfg.margin, self.cfg.m, self.cfg.scale,
+                                 self.cfg.arcface_margin, self.cfg.cosface_margin)
+        self.feature_grad_scale = feature_grad_scale
+
+        id0, id1, sq0, sq1 = self.layout.local_rows(self.rank)
+        self.id_rows, self.seq_rows = (id0, id1), (sq0, sq1)
+        weight = torch.empty(id1 - id0, spec.dim, dtype=dtype, device=device)
+        _chunked_normal_(weight, id0, spec.weight_init_std, spec.seed)
+        self.weight = nn.Parameter(weight)
+        # Local center block: this rank's identity centers, then its sequence centers.
+        self.centers = nn.Parameter(
+            torch.zeros((id1 - id0) + (sq1 - sq0), spec.dim, dtype=dtype, device=device))
+
+    # -- construction checks ------------------------------------------------------------
+
+    def _check_ranks_agree(self, dtype: torch.dtype) -> None:
+        """Fail on every rank at construction if ranks disagree (never a later hang)."""
+        s = self.spec
+        mine = torch.tensor([s.num_identities, s.num_sequences, s.dim, s.seed,
+                             {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}.get(dtype, 3)],
+                            dtype=torch.long)
+        allv = self.comm.all_gather(mine[None]).view(self.comm.world_size, -1)
+        names = ("num_identities", "num_sequences", "dim", "seed", "dtype")
+        for j, name in enumerate(names):
+            col = allv[:, j]
+            if not bool((col == col[0]).all()):
+                raise ValueError(f"PartitionedHead: ranks disagree on {name}: "
+                                 f"{dict(enumerate(col.tolist()))} (rank: value)")
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}/{self.layout.world_size}, identity rows={self.id_rows}, "
+                f"sequence rows={self.seq_rows}, dim={self.spec.dim}")
+
+    # -- the step ------------------------------------------------------------------------
+
+    def _gather_index(self, center_index: torch.Tensor) -> torch.Tensor:
+        """All ranks' center indices, validated identically everywhere (so all raise)."""
+        b = torch.tensor([center_index.numel()], dtype=torch.long, device=center_index.device)
+        sizes = self.comm.all_gather(b)
+        if not bool((sizes == sizes[0]).all()):
+            raise ValueError(f"PartitionedHead: local batch sizes differ across ranks: "
+                             f"{sizes.tolist()}; every rank must feed the same batch size")
+        t = self.comm.all_gather(center_index.long().reshape(-1))
+        upper = self.layout.num_centers
+        bad = ((t < 0) | (t >= upper)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            n = int(sizes[0])
+            raise ValueError(
+                f"PartitionedHead: center index {int(t[i])} of sample {i % n} on rank {i // n} "
+                f"is outside [0, {upper}) (identities 0..{self.spec.num_identities - 1}, "
+                f"sequences {self.spec.num_identities}..{upper - 1})")
+        return t
+
+    def draw_negatives(self, step: int) -> torch.Tensor:
+        """This rank's negatives for ``step``: local center rows, seeded by (seed, rank, step)."""
+        g = torch.Generator(device=self.centers.device)
+        g.manual_seed((self.spec.seed * 1_000_003 + step) * 65_537 + self.rank)
+        return sample_negatives(self.centers.shape[0], self.cfg.dsa_p, generator=g,
+                                mode=self.cfg.dsa_sampler)
+
+    def local_rows_of(self, center_index: torch.Tensor) -> torch.Tensor:
+        """Global center indices -> rows of the local center block (-1 if not owned here)."""
+        return self.layout.local_center_row(center_index, self.rank)
+
+    def global_index_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the local center block -> global center indices."""
+        (id0, id1), (sq0, _) = self.id_rows, self.seq_rows
+        n_local_id = id1 - id0
+        return torch.where(rows < n_local_id, rows + id0,
+                           self.spec.num_identities + sq0 + rows - n_local_id)
+
+    def forward(self, features: torch.Tensor, center_index: torch.Tensor, *, step: int = 0,
+                negatives: torch.Tensor | None = None) -> HeadOutput:
+        """Loss terms of the global batch from this rank's ``features`` (b x D) and indices.
+
+        ``negatives`` (global center indices) replaces the per-rank draw — each rank then
+        uses those in its block (tests and reference checks use it).
+        """
+        if features.dim() != 2 or features.shape[1] != self.spec.dim:
+            raise ValueError(f"PartitionedHead: features must be (batch, {self.spec.dim}), "
+                             f"got {tuple(features.shape)}")
+        cfg, n_id = self.cfg, self.spec.num_identities
+        t = self._gather_index(center_index.to(features.device))
+        feats = gather_rows(features.to(self.weight.dtype), self.comm, self.feature_grad_scale)
+        is_seq = t >= n_id
+
+        # Chief: margin softmax / LSR over this rank's identity columns.
+        lam = lambda_schedule(step, base=cfg.lambda_base, gamma=cfg.lambda_gamma,
+                              power=cfg.lambda_power, lambda_min=cfg.lambda_min)
+        id0, id1 = self.id_rows
+        mine = ~is_seq & (t >= id0) & (t < id1)
+        target_col = torch.where(mine, t - id0, torch.full_like(t, -1))
+        tiny = torch.finfo(feats.dtype).tiny
+        fn = feats / feats.norm(dim=1, keepdim=True).clamp_min(tiny)
+        chief_i = BlockMarginSoftmax.apply(fn, self.weight, target_col, is_seq, self.comm,
+                                           self.margin, lam, n_id)
+
+        # DSA: pull by the owner of each center, pushes from this rank's negatives.
+        if negatives is None:
+            neg_rows = self.draw_negatives(step)
+        else:
+            neg_rows = self.local_rows_of(negatives.to(t.device).long())
+            neg_rows = neg_rows[neg_rows >= 0]
+        neg_index = self.global_index_of_rows(neg_rows)
+        dsa_i, pull_i, push_i, stats = BlockDSA.apply(
+            feats, self.centers, t, self.local_rows_of(t), is_seq, neg_rows, neg_index,
+            neg_index >= n_id, self.comm, cfg.dsa_lambda, cfg.dsa_alpha, cfg.dsa_beta)
+
+        chief, dsa = chief_i.mean(), dsa_i.mean()
+        with torch.no_grad():
+            c = chief_i.detach()
+            nan = torch.tensor(float("nan"), dtype=c.dtype, device=c.device)
+            chief_identity = c[~is_seq].mean() if bool((~is_seq).any()) else nan
+            chief_lsr = c[is_seq].mean() if bool(is_seq.any()) else nan
+            active_fraction = stats[0] / stats[1].clamp_min(1.0)
+        return HeadOutput(
+            loss=cfg.chief_weight * chief + cfg.dsa_weight * dsa,
+            chief=chief.detach(), chief_identity=chief_identity, chief_lsr=chief_lsr,
+            dsa=dsa.detach(), dsa_pull=pull_i.mean(), dsa_push=push_i.mean(),
+            active_fraction=active_fraction, num_negatives=int(stats[2]), lam=lam)
+
+    # -- optimisation ----------------------------------------------------------------------
+
+    def make_optimizer(self, lr: float, momentum: float = 0.9,
+                       weight_decay: float = 5e-4) -> InPlaceSGD:
+        """W with weight decay; centers without, at the center lr (default: the same lr)."""
+        center_lr = lr if self.cfg.center_lr < 0 else self.cfg.center_lr
+        return InPlaceSGD([
+            {"params": [self.weight], "lr": lr, "momentum": momentum,
+             "weight_decay": weight_decay, "name": "weight"},
+            {"params": [self.centers], "lr": center_lr, "momentum": self.cfg.center_momentum,
+             "weight_decay": 0.0, "name": "centers", "lr_follows_backbone":
+                self.cfg.center_lr < 0},
+        ], lr=lr)
