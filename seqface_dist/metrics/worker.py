@@ -118,12 +118,14 @@ class WorkerMetrics:
         if torch is None or not torch.cuda.is_available():
             return
         cuda = torch.cuda
+        # The current device is per thread: fix the trainer's now, the scrape thread's is 0.
+        dev = cuda.current_device()
         self._child("seqface_gpu_memory_allocated_bytes").set_function(
-            lambda: float(cuda.memory_allocated()))
+            lambda: float(cuda.memory_allocated(dev)))
         self._child("seqface_gpu_memory_reserved_bytes").set_function(
-            lambda: float(cuda.memory_reserved()))
+            lambda: float(cuda.memory_reserved(dev)))
         self._child("seqface_gpu_memory_max_allocated_bytes").set_function(
-            lambda: float(cuda.max_memory_allocated()))
+            lambda: float(cuda.max_memory_allocated(dev)))
 
     # -- what the training loop calls ------------------------------------------------
 
