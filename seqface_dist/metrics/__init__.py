@@ -8,6 +8,8 @@ What the trainer uses::
         register_endpoint(run, rank, node_ip, target)   # driver ran start_registrar(...)
     ... metrics.observe_step(phases, losses, samples, lr=..., lam=..., step=...) ...
     metrics.stop()
+
+Create the metrics after ``torch.cuda.set_device``: the GPU memory gauges read that device.
 """
 
 from __future__ import annotations
