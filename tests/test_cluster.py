@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 
 from seqface_dist.metrics import EXPORTED_METRIC_NAMES
@@ -20,6 +19,7 @@ from seqface_dist.metrics.promql import (
     metric_names_in_promql,
 )
 
+tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER, LAUNCH = ROOT / "cluster", ROOT / "launch"
 SD_GLOB = "/tmp/seqface/sd/*.json"  # where the driver's discovery files go on the head node
