@@ -26,6 +26,7 @@ error that names the global and the file.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import re
@@ -154,11 +155,12 @@ _MAX_ITEMS = 1 << 31
 class _DType:
     """Stand-in for ``numpy.dtype(spec, align, copy)``; only whitelisted specs."""
 
-    def __init__(self, spec: object, align: object = False, copy: object = False) -> None:
+    def __init__(self, spec: object, align: object = False, copy: object = False, *,
+                 allowed: frozenset[str] = frozenset(_DTYPES)) -> None:
         if isinstance(spec, bytes):
             spec = spec.decode("latin1")
-        if not isinstance(spec, str) or spec.lstrip("<>|=") not in _DTYPES:
-            raise UnsafePickleError(f"numpy dtype {spec!r} refused (only bool and integers)")
+        if not isinstance(spec, str) or spec.lstrip("<>|=") not in allowed:
+            raise UnsafePickleError(f"numpy dtype {spec!r} refused (allowed: {sorted(allowed)})")
         self.spec = spec.lstrip("<>|=")
         self.byteorder = "|"
 
@@ -252,12 +254,16 @@ for _core in ("numpy.core", "numpy._core"):
 class SafeBinUnpickler(pickle.Unpickler):
     """An unpickler that builds only lists, tuples, bytes, bools, ints and plain arrays."""
 
-    def __init__(self, file: io.BufferedIOBase, source: str = "<bin>") -> None:
+    def __init__(self, file: io.BufferedIOBase, source: str = "<bin>",
+                 allowed_dtypes: frozenset[str] = frozenset(_DTYPES)) -> None:
         # encoding="bytes": Python 2 ``str`` (the JPEG data of old .bin files) stays bytes.
         super().__init__(file, encoding="bytes")
         self.source = source
+        self.allowed_dtypes = allowed_dtypes  # plain numeric dtypes only: no object arrays
 
     def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("numpy", "dtype"):
+            return functools.partial(_DType, allowed=self.allowed_dtypes)
         try:
             return _GLOBALS[(module, name)]
         except (KeyError, TypeError):
