@@ -8,6 +8,8 @@ block be built and stepped alone (benchmarks, memory planning), never for traini
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -21,6 +23,7 @@ class Comm:
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         self.bytes_sent = 0  # payload bytes this rank handed to collectives (for benchmarks)
+        self.seconds = 0.0  # wall time spent inside collectives (for the step-time split)
 
     def _count(self, t: torch.Tensor) -> None:
         self.bytes_sent += t.numel() * t.element_size()
@@ -29,8 +32,10 @@ class Comm:
         """In-place all-reduce (``sum`` or ``max``); returns ``t``."""
         if self.world_size > 1:
             self._count(t)
+            t0 = time.perf_counter()
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
                             group=self.group)
+            self.seconds += time.perf_counter() - t0
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -38,8 +43,10 @@ class Comm:
         if self.world_size == 1:
             return t
         self._count(t)
+        t0 = time.perf_counter()
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(out, t.contiguous(), group=self.group)
+        self.seconds += time.perf_counter() - t0
         return torch.cat(out)
 
 
@@ -52,6 +59,7 @@ class SoloComm(Comm):
         self.rank = rank
         self.world_size = world_size
         self.bytes_sent = 0
+        self.seconds = 0.0
 
     def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return t

@@ -1,0 +1,157 @@
+"""The driver: preflight checks, then a Ray Train ``TorchTrainer`` running ``train_func``.
+
+Laptop (local Ray on this machine's CPUs):
+
+    seqface train --config configs/local-cpu.yaml
+
+GPU cluster (the same code; see launch/submit.sh and the README):
+
+    ray job submit --address http://HEAD:8265 --runtime-env launch/runtime_env.yaml \\
+        -- seqface train --config configs/cluster-8gpu.yaml
+
+The preflight runs before any worker starts and refuses, with a message naming what to
+fix: an invalid config, shard manifests that cannot be read or disagree with the model,
+a checkpoint to resume that does not fit, a storage path that cannot be written.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from seqface_dist.config import Config, ConfigError
+
+
+class PreflightError(RuntimeError):
+    """The run cannot start; the message says what to fix."""
+
+
+@dataclass
+class Preflight:
+    num_identities: int
+    num_sequences: int
+    storage_path: str  # absolute local path or s3:// URL
+
+
+def _check_storage(path: str, endpoint_url: str) -> str:
+    if path.startswith("s3://"):
+        from seqface_dist.data import store
+
+        probe = store.join(path, f".seqface-write-probe-{uuid.uuid4().hex}")
+        try:
+            store.write_bytes(probe, b"ok", endpoint_url)
+            store.delete(probe, endpoint_url)
+        except Exception as e:
+            raise PreflightError(f"train.storage_path {path}: cannot write there ({e}); check "
+                                 "the bucket name, credentials and AWS_ENDPOINT_URL") from None
+        return path
+    p = Path(path).expanduser().resolve()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".seqface-write-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise PreflightError(f"train.storage_path {p}: not writable ({e.strerror}); choose a "
+                             "folder you can write to") from None
+    return str(p)
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Check everything a run needs before any worker starts."""
+    cfg.validate()
+    from seqface_dist.data.loader import make_layout, resolve_sets
+
+    d = cfg.data
+    if d.identities_per_batch and not d.identity_shards:
+        raise PreflightError("data.identity_shards: empty; give a shard set's manifest URL "
+                             "(build one with `seqface shards build`)")
+    if d.sequences_per_batch and not d.sequence_shards:
+        raise PreflightError("data.sequence_shards: empty, but data.sequences_per_batch > 0")
+    try:
+        id_sets = resolve_sets(list(d.identity_shards), "identity", d.s3_endpoint_url)
+        seq_sets = resolve_sets(list(d.sequence_shards), "sequence", d.s3_endpoint_url)
+    except Exception as e:
+        raise PreflightError(f"data: cannot read the shard manifests: {e}") from None
+    for s in id_sets + seq_sets:
+        size = list(s.manifest.image_size)
+        if size != list(cfg.model.input_size):
+            raise PreflightError(f"{s.url}: images are {size}, model.input_size is "
+                                 f"{list(cfg.model.input_size)}; rebuild the shards or change "
+                                 "model.input_size")
+        if s.manifest.channels != cfg.model.in_channels:
+            raise PreflightError(f"{s.url}: images have {s.manifest.channels} channels, "
+                                 f"model.in_channels is {cfg.model.in_channels}")
+    layout = make_layout(id_sets, seq_sets)
+    if layout.num_identities < 1:
+        raise PreflightError("data.identity_shards: no identities; the chief loss needs some")
+    if cfg.train.resume_from:
+        _check_resume(cfg, layout.num_identities, layout.num_sequences)
+    storage = _check_storage(cfg.train.storage_path, d.s3_endpoint_url)
+    return Preflight(layout.num_identities, layout.num_sequences, storage)
+
+
+def _check_resume(cfg: Config, n_id: int, n_seq: int) -> None:
+    from seqface_dist.train.checkpoint import CheckpointError, check_complete
+
+    uri = cfg.train.resume_from
+    if uri.startswith("s3://"):
+        return  # read by the workers through Ray; checked when loaded
+    try:
+        state = check_complete(uri)
+    except (CheckpointError, ValueError) as e:
+        raise PreflightError(f"train.resume_from: {e}") from None
+    spec = state.head.get("spec", {})
+    for key, have in (("num_identities", n_id), ("num_sequences", n_seq),
+                      ("dim", cfg.model.embedding_dim)):
+        if spec.get(key) != have:
+            raise PreflightError(f"train.resume_from {uri}: the checkpoint's head has "
+                                 f"{key}={spec.get(key)}, this run has {key}={have}")
+
+
+def run(cfg: Config, *, ray_address: str | None = None, num_cpus: int | None = None):
+    """Preflight, then train with Ray Train; returns Ray's ``Result``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from seqface_dist.train.worker import train_func
+
+    pre = preflight(cfg)
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {"DS_ACCELERATOR": "cpu"} if not cfg.train.use_gpu else {}
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus,
+                 runtime_env={"env_vars": env}, log_to_driver=True,
+                 include_dashboard=False if num_cpus else None)
+    registrar = None
+    try:
+        if cfg.metrics.enabled and cfg.metrics.service_discovery_dir:
+            from seqface_dist.metrics import start_registrar
+
+            registrar = start_registrar(cfg.metrics.service_discovery_dir, cfg.train.run_name)
+        t = cfg.train
+        trainer = TorchTrainer(
+            train_loop_per_worker=train_func,
+            train_loop_config={"cfg": cfg.to_dict()},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         resources_per_worker={"CPU": t.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=t.run_name, storage_path=pre.storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=t.max_failures)),
+        )
+        return trainer.fit()
+    finally:
+        if registrar is not None:
+            from seqface_dist.metrics import stop_registrar
+
+            stop_registrar(registrar)
+        if started_here:
+            ray.shutdown()
+
+
+__all__ = ["ConfigError", "Preflight", "PreflightError", "preflight", "run"]

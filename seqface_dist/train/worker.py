@@ -1,0 +1,235 @@
+"""What runs on each Ray Train worker: DeepSpeed backbone + partitioned head + shards.
+
+``train_func(config)`` is handed to ``TorchTrainer``; Ray has already created the
+process group (gloo on CPU, NCCL on GPU) and set RANK/WORLD_SIZE. Per step:
+
+    images, centers = next(batches)                 # identities + sequences, this rank
+    feats = engine(images)                          # data-parallel backbone (DeepSpeed)
+    out = head(feats, centers, step=step)           # global-batch loss, row-parallel head
+    engine.backward(out.loss)                       # also fills the head's row gradients
+    clip; engine.step(); head_opt.step()
+
+The head is never given to DeepSpeed (it would broadcast and average the row blocks); the
+features' all-gather hands each rank the gradient of the *global* loss, and DeepSpeed
+averages the backbone gradients over R ranks, so the gather scales that gradient by R.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+
+from seqface_dist.config import Config, config_from_dict
+
+
+def _deepspeed(cfg: Config):
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed import ops
+
+    # The shared-memory comm op needs a ~30 s JIT build and only helps intra-node CPU runs.
+    ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def ds_config(cfg: Config, micro_batch: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "gradient_clipping": 0.0,  # clipping covers backbone *and* head: done here
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def clip_gradients(engine, head, max_norm: float, comm) -> float:
+    """Clip the global gradient norm over backbone and head rows together; return it.
+
+    Backbone gradients are identical on every rank after DeepSpeed's all-reduce (ZeRO 0);
+    the head's row gradients are disjoint blocks, so their squares are summed over ranks.
+    The center update is not a gradient and is not clipped.
+    """
+    bb = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    sq_bb = sum(g.float().square().sum() for g in bb) if bb else torch.zeros(())
+    hw = head.weight.grad
+    sq_head = hw.float().square().sum() if hw is not None else torch.zeros(())
+    sq_head = comm.all_reduce_(sq_head.reshape(1).to(head.weight.device)).squeeze(0)
+    norm = float(torch.sqrt(sq_bb.to(sq_head.device) + sq_head))
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for g in bb + ([hw] if hw is not None else []):
+            g.mul_(coef)
+    return norm
+
+
+class _Batches:
+    """Endless (images, centers) from the loader, counting epochs as they roll over."""
+
+    def __init__(self, loader, epoch: int):
+        self.loader, self.epoch = loader, epoch
+        self._it = None
+
+    def next(self):
+        while True:
+            if self._it is None:
+                self.loader.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it, self.epoch = None, self.epoch + 1
+
+
+def train_func(config: dict) -> None:
+    """The per-worker loop (``TorchTrainer(train_loop_per_worker=train_func)``)."""
+    import ray.train
+    import torch.distributed as dist
+
+    from seqface_dist.data.loader import make_train_loader
+    from seqface_dist.losses import lambda_schedule
+    from seqface_dist.metrics import register_endpoint, start_worker_metrics
+    from seqface_dist.models import build_backbone
+    from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
+    from seqface_dist.train.checkpoint import RunState, load_checkpoint
+    from seqface_dist.train.schedule import lr_multiplier, set_lr
+
+    cfg = config_from_dict(config["cfg"])
+    deepspeed = _deepspeed(cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if cfg.train.use_gpu else "cpu")
+    torch.manual_seed(cfg.train.seed)  # same backbone init everywhere (DeepSpeed broadcasts)
+
+    loader = make_train_loader(cfg.data, rank=rank, world_size=world,
+                               image_size=tuple(cfg.model.input_size),
+                               channels=cfg.model.in_channels, seed=cfg.train.seed)
+    layout = loader.layout
+    backbone = build_backbone(cfg.model)
+    o = cfg.optim
+    bb_opt = torch.optim.SGD(backbone.parameters(), lr=o.lr, momentum=o.momentum,
+                             weight_decay=o.weight_decay)
+    engine, bb_opt, _, _ = deepspeed.initialize(
+        model=backbone, optimizer=bb_opt, config=ds_config(cfg, loader.batch_size))
+    comm = Comm()
+    spec = HeadSpec(layout.num_identities, max(layout.num_sequences, 0),
+                    cfg.model.embedding_dim, seed=cfg.train.seed)
+    head = PartitionedHead(spec, cfg.loss, comm, device=device, feature_grad_scale=world)
+    head_opt = head.make_optimizer(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    optimizers = [bb_opt, head_opt]
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+
+    state = RunState(world_size=world, zero_stage=cfg.train.zero_stage, seed=cfg.train.seed,
+                     head={"spec": asdict(spec), "layout": layout.to_dict()},
+                     config=cfg.to_dict())
+    resume = ray.train.get_checkpoint()
+    if resume is None and cfg.train.resume_from:
+        resume = ray.train.Checkpoint(cfg.train.resume_from)
+    if resume is not None:
+        with resume.as_directory() as d:
+            old = load_checkpoint(d, engine=engine, head=head, head_optimizer=head_opt,
+                                  rank=rank, world_size=world)
+        # A partly read epoch is not replayed: its batches are drawn afresh.
+        state.step, state.epoch, state.samples_seen = old.step, old.epoch + 1, old.samples_seen
+        if rank == 0:
+            print(f"[seqface] resumed at step {state.step} from {resume.path}", flush=True)
+
+    node_ip = ray.util.get_node_ip_address()
+    metrics, target = start_worker_metrics(cfg.metrics, cfg.train.run_name, rank, world,
+                                           node_ip)
+    if target and cfg.metrics.service_discovery_dir:
+        register_endpoint(cfg.train.run_name, rank, node_ip, target)
+    metrics.set_head_rows(classifier=head.weight.shape[0],
+                          identity_centers=head.id_rows[1] - head.id_rows[0],
+                          sequence_centers=head.seq_rows[1] - head.seq_rows[0])
+
+    batches = _Batches(loader, state.epoch)
+    global_batch = loader.batch_size * world
+    window = {"t0": time.perf_counter(), "samples": 0}
+    try:
+        while state.step < o.max_steps:
+            t0 = time.perf_counter()
+            images, centers = batches.next()
+            t1 = time.perf_counter()
+            step = state.step
+            factor = lr_multiplier(step, o)
+            set_lr(optimizers, base_lrs, factor)
+            lam = lambda_schedule(step, base=cfg.loss.lambda_base, gamma=cfg.loss.lambda_gamma,
+                                  power=cfg.loss.lambda_power, lambda_min=cfg.loss.lambda_min)
+            comm_before = comm.seconds
+            feats = engine(images.to(device, non_blocking=True))
+            out = head(feats, centers.to(device), step=step)
+            t2 = time.perf_counter()
+            engine.backward(out.loss)
+            t3 = time.perf_counter()
+            grad_norm = clip_gradients(engine, head, o.grad_clip, comm)
+            engine.step()
+            head_opt.step()
+            head_opt.zero_grad(set_to_none=True)
+            t4 = time.perf_counter()
+            state.step += 1
+            state.samples_seen += global_batch
+            state.epoch = batches.epoch
+            window["samples"] += global_batch
+
+            losses = {"chief": float(out.chief), "lsr": float(out.chief_lsr),
+                      "dsa_pull": float(out.dsa_pull), "dsa_push": float(out.dsa_push),
+                      "total": float(out.loss.detach())}
+            metrics.observe_step({"data_wait": t1 - t0, "forward": t2 - t1,
+                                  "backward": t3 - t2, "optimizer": t4 - t3,
+                                  "communication": comm.seconds - comm_before},
+                                 {k: v for k, v in losses.items() if v == v},
+                                 loader.batch_size, lr=o.lr * factor, lam=lam,
+                                 active_hinge_fraction=float(out.active_fraction),
+                                 step=state.step)
+            last = state.step >= o.max_steps
+            if state.step % cfg.train.log_every == 0 or last:
+                metrics.update_data_counters(_data_counters(loader.counters()))
+                now = time.perf_counter()
+                rate = window["samples"] / max(now - window["t0"], 1e-9)
+                window.update(t0=now, samples=0)
+                report = {"step": state.step, "epoch": state.epoch, **losses,
+                          "chief_identity": float(out.chief_identity),
+                          "dsa": float(out.dsa), "active_fraction": float(out.active_fraction),
+                          "lr": o.lr * factor, "lambda": lam, "grad_norm": grad_norm,
+                          "samples_per_second": rate, "samples_seen": state.samples_seen}
+                if rank == 0:
+                    print("[seqface] " + " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in report.items()), flush=True)
+                checkpoint_now = state.step % cfg.train.checkpoint_every == 0 or last
+                _report(report, checkpoint_now, engine, head, head_opt, state, rank, dist)
+            elif state.step % cfg.train.checkpoint_every == 0:
+                _report({"step": state.step, **losses}, True, engine, head, head_opt, state,
+                        rank, dist)
+    finally:
+        metrics.stop()
+
+
+def _report(metrics: dict, with_checkpoint: bool, engine, head, head_opt, state, rank,
+            dist) -> None:
+    import ray.train
+
+    from seqface_dist.train.checkpoint import save_checkpoint
+
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="seqface-ckpt-") as d:
+        save_checkpoint(d, engine=engine, head=head, head_optimizer=head_opt, state=state,
+                        rank=rank, barrier=dist.barrier)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _data_counters(c: dict) -> dict:
+    return {"shard_bytes": c.get("bytes", 0), "shard_samples": c.get("samples", 0),
+            "shards_opened": c.get("shards", 0), "s3_retries": c.get("s3_reopens", 0),
+            "bad_samples": dict(c.get("bad", {}))}
