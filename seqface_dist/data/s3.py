@@ -185,9 +185,10 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
 
 def register_gopen() -> None:
     """Let plain ``webdataset`` pipelines read ``s3://`` URLs through :func:`gopen_s3`."""
-    import webdataset.gopen
+    import importlib
 
-    webdataset.gopen.gopen_schemes["s3"] = gopen_s3
+    # importlib: the package re-exports a *function* named gopen over the module's name.
+    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = gopen_s3
 
 
 # --------------------------------------------------------------------------- writing

@@ -46,9 +46,9 @@ def open_read(url: str, endpoint_url: str = "") -> BinaryIO:
         return open(path, "rb", buffering=1 << 20)
     if is_s3(url):
         return s3.open_s3(url, endpoint_url)
-    import webdataset.gopen
+    import importlib
 
-    return webdataset.gopen.gopen(url, "rb")
+    return importlib.import_module("webdataset.gopen").gopen(url, "rb")
 
 
 def read_bytes(url: str, endpoint_url: str = "") -> bytes:

@@ -99,11 +99,14 @@ class CuttingProxy:
         except OSError:
             pass
         finally:
+            # shutdown() first: close() alone would not wake the other pump's blocked recv(),
+            # and the connection would stay open until it returns.
             for s in (src, dst):
                 try:
-                    s.close()
+                    s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
 
     def close(self) -> None:
         self._stop = True
