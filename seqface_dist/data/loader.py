@@ -127,15 +127,20 @@ class LoaderPlan:
     def batch_size(self) -> int:
         return self.ids_per_batch + self.seqs_per_batch
 
+    @property
+    def splits(self) -> int:
+        """Readers per rank: the DataLoader workers, or the main process when there are none."""
+        return max(1, self.num_workers)
+
     def _caps(self, rank: int, epoch: int) -> list[int]:
         """Batches each worker of ``rank`` can make from its own shards (manifest counts)."""
         caps = []
-        for w in range(self.num_workers):
+        for w in range(self.splits):
             c = []
             for refs, per in ((self.id_refs, self.ids_per_batch),
                               (self.seq_refs, self.seqs_per_batch)):
                 if per:
-                    mine = assign_shards(refs, rank, self.world_size, w, self.num_workers,
+                    mine = assign_shards(refs, rank, self.world_size, w, self.splits,
                                          self.seed, epoch)
                     c.append(sum(r.count for r in mine) // per)
             caps.append(min(c))
@@ -153,7 +158,7 @@ class LoaderPlan:
         """Batches this rank's DataLoader worker ``worker`` makes (they add to num_batches)."""
         n = self.num_batches(epoch)
         if self.resampled:
-            return n // self.num_workers + (worker < n % self.num_workers)
+            return n // self.splits + (worker < n % self.splits)
         caps = self._caps(self.rank, epoch)
         # Lower the largest caps until they add up to n (water-filling, deterministic).
         lo, hi = 0, max(caps, default=0)
@@ -194,8 +199,8 @@ class MixedBatches(IterableDataset):
     def __iter__(self):
         p = self.plan
         w, nw = _worker()
-        if nw != p.num_workers:
-            raise RuntimeError(f"plan made for {p.num_workers} workers, running in {nw}")
+        if nw != p.splits:
+            raise RuntimeError(f"plan made for {p.splits} readers, running in {nw}")
         quota = p.quota(w, self.epoch)
         counters = DataCounters()
         reader = ShardReader(p.image_size, p.channels, p.endpoint_url, counters)

@@ -80,43 +80,43 @@ class ShardReader:
         self.endpoint_url = endpoint_url
         self.counters = counters or DataCounters()
         self.decoder = images.decoder_name()
+        self._logged: set[str] = set()  # shards already warned about
 
-    def _problem(self, ref: ShardRef, logged: list[bool], reason: str, detail: str) -> None:
+    def _problem(self, url: str, reason: str, detail: str) -> None:
         self.counters.bad[reason] += 1
-        if not logged[0]:
-            logged[0] = True
+        if url not in self._logged:
+            self._logged.add(url)
             log.warning("%s: %s (%s); further problems in this shard are only counted",
-                        ref.url, reason, detail)
+                        url, reason, detail)
 
     def raw_samples(self, ref: ShardRef) -> Iterator[tuple[int, bytes, str]]:
         """(center index, jpg bytes, key) of each sample of one shard whose json is valid."""
-        logged = [False]
         try:
             f = store.open_read(ref.url, self.endpoint_url)
         except Exception as e:  # noqa: BLE001 - any failure to open: skip the shard, counted
-            self._problem(ref, logged, "shard_open_error", f"{type(e).__name__}: {e}")
+            self._problem(ref.url, "shard_open_error", f"{type(e).__name__}: {e}")
             return
         self.counters.shards += 1
         try:
             for sample in tario.iter_samples(_Counting(f, self.counters),
-                                             lambda r, d: self._problem(ref, logged, r, d)):
-                checked = self._check(ref, sample, logged)
+                                             lambda r, d: self._problem(ref.url, r, d)):
+                checked = self._check(ref, sample)
                 if checked is not None:
                     yield checked
         except OSError as e:  # retries exhausted mid-shard
-            self._problem(ref, logged, "shard_read_error", f"{type(e).__name__}: {e}")
+            self._problem(ref.url, "shard_read_error", f"{type(e).__name__}: {e}")
         finally:
             raw = getattr(f, "raw", None)
             self.counters.s3_reopens += getattr(raw, "reopens", 0)
             f.close()
 
-    def _check(self, ref: ShardRef, sample: dict, logged: list[bool]):
+    def _check(self, ref: ShardRef, sample: dict):
         key = sample["__key__"]
         if "jpg" not in sample:
-            self._problem(ref, logged, "missing_jpg", key)
+            self._problem(ref.url, "missing_jpg", key)
             return None
         if "json" not in sample:
-            self._problem(ref, logged, "missing_json", key)
+            self._problem(ref.url, "missing_json", key)
             return None
         try:
             meta = json.loads(sample["json"])
@@ -125,13 +125,13 @@ class ShardReader:
             if not isinstance(index, int) or isinstance(index, bool):
                 raise TypeError(f"index {index!r} is not an integer")
         except Exception as e:  # noqa: BLE001 - any malformed json is one reason
-            self._problem(ref, logged, "bad_json", f"{key}: {type(e).__name__}: {e}")
+            self._problem(ref.url, "bad_json", f"{key}: {type(e).__name__}: {e}")
             return None
         if kind != ref.kind:
-            self._problem(ref, logged, "wrong_kind", f"{key}: {kind!r} in a {ref.kind} set")
+            self._problem(ref.url, "wrong_kind", f"{key}: {kind!r} in a {ref.kind} set")
             return None
         if not 0 <= index < ref.num_classes:
-            self._problem(ref, logged, "label_out_of_range",
+            self._problem(ref.url, "label_out_of_range",
                           f"{key}: index {index} not in 0..{ref.num_classes - 1}")
             return None
         return ref.center_offset + index, sample["jpg"], key
@@ -140,11 +140,11 @@ class ShardReader:
         try:
             img = images.decode_jpeg(jpg, self.channels, self.decoder)
         except images.ImageError as e:
-            self.counters.bad["bad_jpeg"] += 1
-            log.debug("%s: %s: %s", ref_url, key, e)
+            self._problem(ref_url, "bad_jpeg", f"{key}: {e}")
             return None
         if img.shape[:2] != self.image_size:
-            self.counters.bad["bad_image_size"] += 1
+            self._problem(ref_url, "bad_image_size", f"{key}: {img.shape[0]}x{img.shape[1]}, "
+                          f"the manifest says {self.image_size[0]}x{self.image_size[1]}")
             return None
         self.counters.samples += 1
         return img

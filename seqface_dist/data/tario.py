@@ -66,9 +66,16 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
+def _member_name(block: bytes) -> str:
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return prefix + "/" + name if block[257:262] == b"ustar" and prefix else name
+
+
 def iter_members(f: BinaryIO,
-                 on_problem: Callable[[str, str], None]) -> Iterator[tuple[str, bytes]]:
-    """Yield (name, data) for each regular file; report 'corrupt_tar' / 'truncated_shard'."""
+                 on_problem: Callable[[str, str], None]) -> Iterator[tuple[str, bytes | None]]:
+    """Yield (name, data) for each regular file; report 'corrupt_tar' / 'truncated_shard'.
+    A member cut off by the end of the stream is yielded last as (name, None)."""
     pending_name: str | None = None  # from a GNU 'L' or pax 'x' long-name header
     resyncing = False
     while True:
@@ -94,7 +101,9 @@ def iter_members(f: BinaryIO,
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         data = _read_exact(f, padded)
         if len(data) < padded and len(data) < size:
-            on_problem("truncated_shard", f"ends inside a member ({len(data)} of {size} bytes)")
+            name = pending_name or _member_name(block)
+            on_problem("truncated_shard", f"ends inside {name} ({len(data)} of {size} bytes)")
+            yield name, None
             return
         data = data[:size]
         if kind == b"L":
@@ -112,10 +121,7 @@ def iter_members(f: BinaryIO,
         if pending_name is not None:
             name, pending_name = pending_name, None
         else:
-            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if block[257:262] == b"ustar" and prefix:
-                name = prefix + "/" + name
+            name = _member_name(block)
         yield name, data
 
 
@@ -131,15 +137,14 @@ def split_key(name: str) -> tuple[str, str] | None:
 def iter_samples(f: BinaryIO, on_problem: Callable[[str, str], None]) -> Iterator[dict]:
     """Group consecutive members by key into samples {"__key__": k, ext: bytes, ...}."""
     current: dict | None = None
-    truncated = False
-
-    def note(reason: str, detail: str) -> None:
-        nonlocal truncated
-        truncated = truncated or reason == "truncated_shard"
-        on_problem(reason, detail)
-
-    for name, data in iter_members(f, note):
+    for name, data in iter_members(f, on_problem):
         ke = split_key(name)
+        if data is None:
+            # Cut off mid-member: the sample it belongs to is part of the truncation event;
+            # a sample with another key before it is complete.
+            if current is not None and (ke is None or ke[0] != current["__key__"]):
+                yield current
+            return
         if ke is None or ke[0].rsplit("/", 1)[-1].startswith("__"):
             continue
         key, ext = ke
@@ -152,6 +157,5 @@ def iter_samples(f: BinaryIO, on_problem: Callable[[str, str], None]) -> Iterato
             on_problem("duplicate_member", f"{name} appears twice")
             continue
         current[ext] = data
-    # A sample cut by truncation is part of the truncation event, not a second problem.
-    if current is not None and not truncated:
+    if current is not None:
         yield current
