@@ -200,7 +200,8 @@ class MetricsConfig:
 
 @dataclass
 class EvalConfig:
-    pairs: str = ""  # pairs set evaluated by rank 0 during training ("" = none)
+    pairs: str = ""  # pairs set evaluated by rank 0 during training: .bin or pairs.txt
+    root: str = ""  # image root of a pairs.txt set
     every_steps: int = 0  # 0 = only at the end
     flip_test: bool = True
 

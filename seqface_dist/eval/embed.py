@@ -13,6 +13,7 @@ so the trainer can call this between steps.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,9 +62,16 @@ def load_model(model: nn.Module | str | Path, model_cfg: ModelConfig | None = No
         return net.to(device)
     if path.suffix == ".pt2":
         try:
-            return _Exported(torch.export.load(str(path)).module().to(device))
+            net = _Exported(torch.export.load(str(path)).module().to(device))
         except Exception as e:
             raise ValueError(f"{path}: not a torch.export program: {e}") from e
+        # `seqface train` writes the model config beside the program (train/export.py).
+        meta = path.with_name("model.json")
+        if meta.is_file():
+            cfg = json.loads(meta.read_text())
+            net.input_size = tuple(cfg["input_size"])
+            net.in_channels = int(cfg["in_channels"])
+        return net
     try:
         return torch.jit.load(str(path), map_location=device)
     except Exception as e:

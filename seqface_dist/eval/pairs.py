@@ -337,3 +337,14 @@ def read_bin(path: str | Path) -> BinSet:
 def bin_name(path: str | Path) -> str:
     """``lfw`` for ``.../lfw.bin``: a label for logs and metrics."""
     return re.sub(r"\.bin$", "", Path(path).name)
+
+
+def write_bin(path: str | Path, images: list[bytes], issame: list[bool]) -> None:
+    """Write a ``.bin`` in the field's layout: a pickle of (encoded images, issame flags).
+
+    Only bytes, bools and containers go in, so :func:`read_bin` reads it back.
+    """
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"write_bin: {len(images)} images for {len(issame)} pairs")
+    with open(path, "wb") as fh:
+        pickle.dump(([bytes(b) for b in images], [bool(s) for s in issame]), fh, protocol=4)

@@ -151,6 +151,12 @@ def train_func(config: dict) -> None:
                           identity_centers=head.id_rows[1] - head.id_rows[0],
                           sequence_centers=head.seq_rows[1] - head.seq_rows[0])
 
+    vset = None
+    if rank == 0 and cfg.eval.pairs:
+        from seqface_dist.eval.evaluate import load_verification_set
+
+        vset = load_verification_set(cfg.eval.pairs, root=cfg.eval.root or None)
+
     batches = _Batches(loader, state.epoch)
     global_batch = loader.batch_size * world
     window = {"t0": time.perf_counter(), "samples": 0}
@@ -201,12 +207,16 @@ def train_func(config: dict) -> None:
                           "dsa": float(out.dsa), "active_fraction": float(out.active_fraction),
                           "lr": o.lr * factor, "lambda": lam, "grad_norm": grad_norm,
                           "samples_per_second": rate, "samples_seen": state.samples_seen}
+                if vset is not None and (last or (cfg.eval.every_steps and
+                                             state.step % cfg.eval.every_steps == 0)):
+                    report.update(_evaluate(engine.module, vset, cfg, state.step, metrics))
                 if rank == 0:
                     print("[seqface] " + " ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in report.items()), flush=True)
                 checkpoint_now = state.step % cfg.train.checkpoint_every == 0 or last
-                _report(report, checkpoint_now, engine, head, head_opt, state, rank, dist)
+                _report(report, checkpoint_now, engine, head, head_opt, state, rank, dist,
+                        cfg if last else None)
             elif state.step % cfg.train.checkpoint_every == 0:
                 _report({"step": state.step, **losses}, True, engine, head, head_opt, state,
                         rank, dist)
@@ -214,8 +224,24 @@ def train_func(config: dict) -> None:
         metrics.stop()
 
 
+def _evaluate(model, vset, cfg: Config, step: int, metrics) -> dict:
+    """Rank 0's verification on the configured pairs set; returns report entries."""
+    from seqface_dist.eval.evaluate import evaluate_model
+
+    res = evaluate_model(model, vset, flip=cfg.eval.flip_test, progress=False)
+    metrics.set_eval(vset.name, step, accuracy=res.accuracy,
+                     tar_at_far={t.far_target: t.tar for t in res.tar_at_far})
+    print(f"[seqface] eval {vset.name} at step {step}: " + res.summary().replace("\n", "; "),
+          flush=True)
+    return {f"eval_{k}": float(v) for k, v in res.metrics().items()}
+
+
 def _report(metrics: dict, with_checkpoint: bool, engine, head, head_opt, state, rank,
-            dist) -> None:
+            dist, export_cfg: Config | None = None) -> None:
+    """ray.train.report on every rank; with a checkpoint, each rank adds its own files.
+
+    ``export_cfg`` (the last step): rank 0 also writes the standalone export into it.
+    """
     import ray.train
 
     from seqface_dist.train.checkpoint import save_checkpoint
@@ -224,6 +250,10 @@ def _report(metrics: dict, with_checkpoint: bool, engine, head, head_opt, state,
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="seqface-ckpt-") as d:
+        if export_cfg is not None and rank == 0:
+            from seqface_dist.train.export import export_embedding
+
+            export_embedding(engine.module, export_cfg.model, os.path.join(d, "export"))
         save_checkpoint(d, engine=engine, head=head, head_optimizer=head_opt, state=state,
                         rank=rank, barrier=dist.barrier)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
