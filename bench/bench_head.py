@@ -1,0 +1,272 @@
+"""Benchmarks of the partitioned head (issue 3): memory, communication, speed, scale plan.
+
+    .venv/bin/python bench/bench_head.py memory   # N_id = N_seq = 1M, D 512, R = 2 gloo ranks
+    .venv/bin/python bench/bench_head.py comm     # bytes/rank/step at N_id = 10k and 1M, R = 2
+    .venv/bin/python bench/bench_head.py speed    # head R = 1, 2 vs dense, 100k and 1M; floor
+    .venv/bin/python bench/bench_head.py passes   # ops streaming the B x n / n x D buffers
+    .venv/bin/python bench/bench_head.py scale    # one rank of 10M + 10M over R = 8, alone
+    .venv/bin/python bench/bench_head.py --quick  # all of the above at tiny sizes (seconds)
+
+Each configuration runs in its own forked process(es), one thread each, fp32, global batch
+256 (half identity, half sequence samples), SGD momentum 0.9 (W weight decay 5e-4).
+Peak memory is VmHWM after the steps minus the RSS just before the head is built (torch
+imported, gloo group up): the head's own footprint. A configuration whose estimated
+footprint exceeds MemAvailable is skipped with a message (the machine is shared), unless
+--force. Figures are printed, never asserted; results are recorded in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _head_common import (  # noqa: E402  (bench/ is not a package)
+    GB,
+    Setup,
+    count_passes,
+    dense_worker,
+    head_worker,
+    ideal_parts,
+    local_rows,
+    mem_available_bytes,
+    run_processes,
+    setup_dict,
+)
+
+FULL = {"memory_n": 1_000_000, "comm_n": (10_000, 1_000_000), "speed_n": (100_000, 1_000_000),
+        "scale_n": 10_000_000, "dim": 512, "batch": 256, "steps": 2}
+QUICK = {"memory_n": 3_000, "comm_n": (500, 5_000), "speed_n": (2_000, 4_000),
+         "scale_n": 40_000, "dim": 32, "batch": 16, "steps": 2}
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.3f} GB"
+
+
+def _fits(what: str, need: float, force: bool) -> bool:
+    avail = mem_available_bytes()
+    if need <= avail or force:
+        return True
+    print(f"  SKIPPED {what}: needs ~{_gb(need)}, MemAvailable is {_gb(avail)} "
+          f"(shared machine; --force to run anyway)")
+    return False
+
+
+def _head_need(s: Setup) -> float:
+    ranks = [s.solo_rank] if s.solo_rank >= 0 else range(s.world)
+    need = sum(sum(ideal_parts(s, r).values()) for r in ranks) * 1.1 + 0.3 * GB * len(ranks)
+    if s.gemm_reps:  # the GEMM timing's operands are freed before the head is built
+        need = max(need, len(ranks) * (3 * s.batch + 2 * s.dim) * local_rows(s, 0)[0] * 4)
+    return need
+
+
+def _run_head(s: Setup) -> list[dict]:
+    if s.solo_rank >= 0:
+        return run_processes(head_worker, 1, setup_dict(s), gloo=False)
+    return run_processes(head_worker, s.world, setup_dict(s), gloo=s.world > 1)
+
+
+def _ms(xs: list[float]) -> str:
+    return f"{statistics.median(xs) * 1e3:9.1f} ms (min {min(xs) * 1e3:.1f})"
+
+
+# -- 1. memory ------------------------------------------------------------------------------
+
+def _print_memory(res: dict, s: Setup) -> float:
+    ideal = sum(res["ideal"].values())
+    used = res["peak_rss"] - res["baseline_rss"]
+    print(f"  rank {res['rank']}: {res['n_id_local']:,} W rows, {res['n_centers_local']:,} "
+          f"center rows; baseline RSS {_gb(res['baseline_rss'])} (torch + gloo, subtracted)")
+    for k, v in res["ideal"].items():
+        print(f"      ideal  {k:34s} {_gb(v)}")
+    print(f"      ideal  {'total':34s} {_gb(ideal)}")
+    print(f"      peak RSS - baseline = {_gb(used)}  ->  {used / ideal:.3f} x ideal "
+          f"(target <= 1.15); build {res['build_s']:.1f} s, step {_ms(res['step_s'])}")
+    return used / ideal
+
+
+def bench_memory(sz: dict, force: bool) -> None:
+    n = sz["memory_n"]
+    s = Setup(n, n, sz["dim"], sz["batch"], world=2, steps=sz["steps"])
+    print(f"\n== memory: N_id = N_seq = {n:,}, D = {s.dim}, global batch {s.batch}, R = 2 "
+          f"gloo ranks, fp32, {s.warmup} + {s.steps} steps")
+    if not _fits("memory", _head_need(s), force):
+        return
+    for res in _run_head(s):
+        _print_memory(res, s)
+        print(f"      bytes sent per step: {res['bytes_per_step']}")
+
+
+# -- 2. communication -----------------------------------------------------------------------
+
+def bench_comm(sz: dict, force: bool) -> None:
+    print(f"\n== communication: payload bytes handed to collectives per rank per step, R = 2, "
+          f"global batch {sz['batch']}, D = {sz['dim']}")
+    seen = {}
+    for n in sz["comm_n"]:
+        s = Setup(n, n, sz["dim"], sz["batch"], world=2, steps=sz["steps"])
+        if not _fits(f"comm N = {n:,}", _head_need(s), force):
+            continue
+        res = _run_head(s)
+        per_rank = [sorted(set(r["bytes_per_step"])) for r in res]
+        seen[n] = per_rank
+        feat = s.local_batch * s.dim * 4
+        print(f"  N_id = N_seq = {n:>10,}: bytes/step per rank {per_rank} "
+              f"(features gathered {feat:,} B/rank; their gradient all-reduced "
+              f"{s.batch * s.dim * 4:,} B)")
+    if len(seen) == len(sz["comm_n"]):
+        values = {str(v) for v in seen.values()}
+        print(f"  bytes/step equal across N_id: {len(values) == 1}")
+
+
+# -- 3. speed ---------------------------------------------------------------------------------
+
+def _dense_need(s: Setup, sparse: bool) -> float:
+    n_id, n_c = s.num_identities, s.num_identities + s.num_sequences
+    return (3 * n_id + (1 if sparse else 3) * n_c) * s.dim * 4 + 7 * s.batch * n_id * 4 + 0.3 * GB
+
+
+def bench_speed(sz: dict, force: bool, dense_center_grad_max: int) -> None:
+    print(f"\n== speed: fwd + bwd + optimizer step, global batch {sz['batch']}, D = {sz['dim']},"
+          f" fp32, one thread per rank; median over {sz['steps']} steps after 1 warm-up")
+    for n in sz["speed_n"]:
+        print(f"  -- N_id = N_seq = {n:,}")
+        base = Setup(n, n, sz["dim"], sz["batch"], world=1, steps=sz["steps"])
+        dense_ms = None
+        variants = [True] + ([False] if n <= dense_center_grad_max else [])
+        dense_loss0 = None
+        for sparse in variants:
+            name = "dense, sparse center grad" if sparse else "dense, dense center grad"
+            if not _fits(name, _dense_need(base, sparse), force):
+                continue
+            (res,) = run_processes(dense_worker, 1, setup_dict(base), sparse, gloo=False)
+            ms = statistics.median(res["step_s"]) * 1e3
+            if sparse:
+                dense_ms, dense_loss0 = ms, res["losses"][0]
+            print(f"    {name:28s} {_ms(res['step_s'])}   peak RSS - baseline "
+                  f"{_gb(res['peak_rss'] - res['baseline_rss'])}   loss[0] {res['losses'][0]:.6f}")
+        for world in (1, 2):
+            s = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=sz["steps"],
+                      gemm_reps=2 if n >= 1_000_000 else 3)
+            if not _fits(f"head R = {world}", _head_need(s), force):
+                continue
+            res = _run_head(s)
+            slow = max(res, key=lambda r: statistics.median(r["step_s"]))
+            ms = statistics.median(slow["step_s"]) * 1e3
+            ratio = f"{ms / dense_ms:.3f} x dense" if dense_ms else "no dense figure"
+            print(f"    head R = {world} (slowest rank {slow['rank']}) {_ms(slow['step_s'])}  "
+                  f"= {ratio}   loss[0] {slow['losses'][0]:.6f}")
+            if world == 1 and dense_loss0 is not None:
+                print(f"      same data as dense: |loss[0] head - dense| = "
+                      f"{abs(slow['losses'][0] - dense_loss0):.2e}")
+            for r in res:
+                floor_s = sum(r["gemm_s"].values())
+                flops = 3 * 2 * s.batch * s.dim * r["n_id_local"]
+                med = statistics.median(r["step_s"])
+                print(f"      rank {r['rank']}: 3 GEMMs {flops / 1e9:.1f} GFLOP, sgemm "
+                      f"{flops / floor_s / 1e9:.1f} GFLOP/s on these shapes -> floor "
+                      f"{floor_s * 1e3:.1f} ms; step {med * 1e3:.1f} ms = "
+                      f"{floor_s / med:.1%} of floor (target >= 65%); in collectives "
+                      f"{statistics.median(r['comm_s']) * 1e3:.1f} ms; peak RSS - baseline "
+                      f"{_gb(r['peak_rss'] - r['baseline_rss'])}")
+                for k, v in r["gemm_s"].items():
+                    print(f"        {k}: {v * 1e3:8.1f} ms")
+
+
+# -- passes --------------------------------------------------------------------------------------
+
+def _passes_worker(rank: int) -> dict:
+    return count_passes()
+
+
+def bench_passes() -> None:
+    (res,) = run_processes(_passes_worker, 1, gloo=False)
+    print("\n== passes per step (R = 1, second step, profiled at B 24, n_id 1000, n_c 1700, "
+          "D 40; top-level aten ops with such an operand; views and few-entry "
+          "gathers/scatters excluded)")
+    print(f"  GEMMs on the big operands ({len(res['gemms'])}): {', '.join(res['gemms'])}")
+    for key, what in (("logits", "B x n_local logits buffer"), ("W", "n x D W block"),
+                      ("C", "n_c x D center block")):
+        names = [x.removeprefix("aten::") for x in res[key]]
+        print(f"  other ops on the {what} ({len(names)}): {' '.join(names)}")
+
+
+# -- 4. scale plan ----------------------------------------------------------------------------
+
+def bench_scale(sz: dict, force: bool, extrapolate: bool = False) -> None:
+    n = sz["scale_n"]
+    s = Setup(n, n, sz["dim"], sz["batch"], world=8, steps=1, solo_rank=0)
+    ideal = ideal_parts(s, 0)
+    print(f"\n== scale plan: rank 0 of R = 8 for N_id = N_seq = {n:,}, D = {s.dim}, global "
+          f"batch {s.batch} (SoloComm, one process), 1 + 1 steps")
+    for k, v in ideal.items():
+        print(f"      ideal  {k:34s} {_gb(v)}")
+    total = sum(ideal.values())
+    sparse = total - ideal["center block + update + momentum"] / 3
+    print(f"      ideal  {'total':34s} {_gb(total)} (goal <= 20 GB); with a sparse center "
+          f"update (no dense update buffer) it would be {_gb(sparse)}")
+    if _fits("the R = 8 block", _head_need(s), force):
+        (res,) = _run_head(s)
+        _print_memory(res, s)
+        if not extrapolate:
+            return
+    # Measure smaller shares of the same matrices and extrapolate (memory is linear in rows).
+    points = []
+    for world in (32, 16):
+        part = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=1, solo_rank=0)
+        if not _fits(f"the R = {world} block", _head_need(part), force):
+            return
+        (res,) = _run_head(part)
+        used = res["peak_rss"] - res["baseline_rss"]
+        rows = res["n_id_local"] + res["n_centers_local"]
+        points.append((rows, used))
+        print(f"    instead, R = {world}: {res['n_id_local']:,} W + {res['n_centers_local']:,} "
+              f"center rows: peak RSS - baseline {_gb(used)} = "
+              f"{used / sum(res['ideal'].values()):.3f} x its ideal; step {_ms(res['step_s'])}")
+    (r1, u1), (r2, u2) = points
+    slope = (u2 - u1) / (r2 - r1)
+    n_id8, n_c8 = local_rows(s, 0)
+    projected = u2 + slope * (n_id8 + n_c8 - r2)
+    print(f"    projected R = 8 peak (linear in rows): {_gb(projected)} "
+          f"= {projected / total:.3f} x ideal (goal <= 20 GB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", nargs="*", default=[],
+                    choices=["memory", "comm", "speed", "passes", "scale", []],
+                    help="benchmarks to run (default with --quick: all)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes; runs in seconds")
+    ap.add_argument("--force", action="store_true", help="run even if MemAvailable looks short")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    ap.add_argument("--dense-center-grad-max", type=int, default=100_000,
+                    help="also time the dense reference with a dense center grad up to this N")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    sz = dict(QUICK if args.quick else FULL)
+    if args.steps:
+        sz["steps"] = args.steps
+    what = args.what or (["memory", "comm", "speed", "passes", "scale"] if args.quick else [])
+    if not what:
+        ap.error("name a benchmark (memory, comm, speed, passes, scale) or pass --quick")
+    print(f"torch {torch.__version__}, MemAvailable {_gb(mem_available_bytes())}")
+    for w in what:
+        if w == "memory":
+            bench_memory(sz, args.force)
+        elif w == "comm":
+            bench_comm(sz, args.force)
+        elif w == "speed":
+            bench_speed(sz, args.force, args.dense_center_grad_max if not args.quick else 10**9)
+        elif w == "passes":
+            bench_passes()
+        elif w == "scale":
+            bench_scale(sz, args.force, extrapolate=args.quick)  # quick: both paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""bench/bench_head.py --quick runs end to end (so the benchmark cannot rot).
+
+It starts real gloo ranks, steps the head and the dense reference, and profiles a step;
+the checks are on properties, never on timings: every section prints, the bytes a rank
+sends per step do not depend on N_id, the R = 1 head and the dense reference see the same
+data (equal first loss), and the pass counter found the step's three GEMMs.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_head_quick_runs_end_to_end():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_head.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    out = proc.stdout
+    assert proc.returncode == 0, f"bench failed:\n{out}\n{proc.stderr}"
+    for section in ("== memory", "== communication", "== speed", "== passes", "== scale plan"):
+        assert section in out, f"missing section {section!r}:\n{out}"
+    assert "SKIPPED" not in out, out
+    assert "bytes/step equal across N_id: True" in out, out
+    gaps = [float(x) for x in re.findall(r"\|loss\[0\] head - dense\| = (\S+)", out)]
+    assert len(gaps) == 2 and all(g < 1e-4 for g in gaps), out
+    assert "GEMMs on the big operands (3)" in out, out
+    assert "projected R = 8 peak" in out, out
