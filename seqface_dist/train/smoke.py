@@ -169,7 +169,10 @@ def verification_pairs(labels: torch.Tensor, n_pairs: int,
 
 
 def _best_threshold(scores: torch.Tensor, same: torch.Tensor) -> float:
-    cands = torch.cat([scores, scores.new_tensor([-1.0 - 1e-6])])
+    # Candidates midway between neighbouring scores (and beyond both ends), so a held-out
+    # score equal to a training extreme is not decided by a tie.
+    s = torch.sort(scores).values
+    cands = torch.cat([s[:1] - 1e-3, (s[1:] + s[:-1]) / 2, s[-1:] + 1e-3])
     acc = ((scores[None, :] > cands[:, None]) == same[None, :]).float().mean(dim=1)
     return float(cands[int(acc.argmax())])
 
@@ -216,7 +219,10 @@ def lr_at(step: int, cfg: Config) -> float:
     return o.lr * o.gamma ** sum(step >= m for m in o.milestones)
 
 
-def _batch(data: SmokeData, cfg: Config, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mixed_batch(data: SmokeData, cfg: Config,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """data.identities_per_batch identity samples, then data.sequences_per_batch track frames
+    (drawn with replacement), optionally flipped: images and center indices."""
     ni, ns = cfg.data.identities_per_batch, cfg.data.sequences_per_batch
     a = torch.randint(0, data.id_index.shape[0], (ni,), generator=g)
     b = torch.randint(0, data.seq_index.shape[0], (ns,), generator=g)
@@ -232,14 +238,27 @@ TERMS = ("total", "chief", "dsa", "pull", "push", "active")
 
 def run_smoke(cfg: Config | None = None, *, spec: SyntheticSpec | None = None,
               log: Callable[[str], None] | None = print,
-              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[int], None] | None = None,
+              threads: int | None = 1) -> dict[str, Any]:
     """Train for cfg.optim.max_steps steps; return loss windows and verification figures.
 
     ``log`` gets a line every train.log_every steps (None: silent); ``progress`` is called
-    with 1 after each step (a tqdm bar's update).
+    with 1 after each step (a tqdm bar's update). ``threads``: torch intra-op threads for
+    the run (restored after; None leaves torch's setting). One by default: the tiny net's
+    ops are too small to gain from more, and on a busy 2-core machine two threads per
+    process made the run 16x slower (240 s vs 15 s) through oversubscription.
     """
-    cfg = cfg or smoke_config()
-    spec = spec or SyntheticSpec()
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_smoke(cfg or smoke_config(), spec or SyntheticSpec(), log, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_smoke(cfg: Config, spec: SyntheticSpec, log: Callable[[str], None] | None,
+               progress: Callable[[int], None] | None) -> dict[str, Any]:
     lc, steps = cfg.loss, cfg.optim.max_steps
     torch.manual_seed(cfg.train.seed)
     size = (cfg.model.input_size[0], cfg.model.input_size[1])
@@ -271,7 +290,7 @@ def run_smoke(cfg: Config | None = None, *, spec: SyntheticSpec | None = None,
             group["lr"] = lr
         if lc.center_lr <= 0:  # the reference: centers follow the net's learning rate
             center_opt.param_groups[0]["lr"] = lr
-        x, idx = _batch(data, cfg, g)
+        x, idx = mixed_batch(data, cfg, g)
         feats = net(x)
         lam = lambda_schedule(step, base=lc.lambda_base, gamma=lc.lambda_gamma,
                               power=lc.lambda_power, lambda_min=lc.lambda_min)
@@ -317,6 +336,8 @@ def run_smoke(cfg: Config | None = None, *, spec: SyntheticSpec | None = None,
         "num_sequences": data.num_sequences,
         "history": history,
         "model": net,
+        "classifier": weight.detach(),
+        "centers": centers.detach(),
     }
 
 
