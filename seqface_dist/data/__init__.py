@@ -1,0 +1,25 @@
+"""The data plane: WebDataset shard sets of identities and sequences, built and streamed.
+
+Building (``seqface shards build|verify|info``, see ``cli.py``)::
+
+    from seqface_dist.data.build import (BuildOptions, build_identity_tree,
+                                         build_sequence_tree, build_recordio, write_shard_set)
+    build_identity_tree("faces/", "s3://bucket/ids", BuildOptions(image_size=(112, 96)))
+    write_shard_set(((label, uint8_array) for ...), "out/ids", "identity", num_classes=10)
+
+Reading (the trainer's input; API at the top of ``loader.py``)::
+
+    from seqface_dist.data.loader import make_train_loader
+    loader = make_train_loader(cfg.data, rank=r, world_size=R, image_size=(112, 96),
+                               channels=3, seed=cfg.train.seed)
+    for images, centers in loader: ...       # float B x C x H x W, int64 center indices
+    loader.layout.to_dict()                  # N_id, N_seq, per-set offsets (for checkpoints)
+    loader.counters()                        # samples/shards/bytes read, bad samples by reason
+
+Modules: ``store`` (paths, file://, s3://), ``s3`` (boto3, ranged resumable reads,
+multipart uploads, the webdataset ``s3:`` opener), ``tario`` (deterministic tar writer,
+tolerant tar reader), ``images`` (JPEG decode/encode), ``recordio`` (MXNet .rec/.idx),
+``sources`` (listing input layouts), ``manifest``, ``build``, ``stream`` (per-kind sample
+streams), ``loader`` (mixing, batching, equal batch counts across ranks), ``counters``,
+``verify``, ``testing`` (moto S3 on loopback and a connection-cutting proxy).
+"""

@@ -95,8 +95,16 @@ def augment(img: np.ndarray, rng: random.Random, flip: bool, crop_pad: int) -> n
 
 def to_tensor(batch: list[np.ndarray]) -> torch.Tensor:
     """uint8 H x W x C arrays -> float B x C x H x W, (x - 127.5) / 128."""
-    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
-    return x.float().sub_(127.5).div_(128.0).contiguous()
+    h, w, c = batch[0].shape
+    # Transpose while still uint8 (a quarter of the bytes), then convert contiguously in
+    # numpy: measured ~6x faster than stack + permute + torch's uint8->float + sub + div.
+    u = np.empty((len(batch), c, h, w), np.uint8)
+    for i, img in enumerate(batch):
+        u[i] = img.transpose(2, 0, 1)
+    x = u.astype(np.float32)
+    x -= 127.5
+    x *= 1.0 / 128.0  # exact: a power of two
+    return torch.from_numpy(x)
 
 
 # --------------------------------------------------------------------------- batch plan

@@ -180,11 +180,7 @@ def kind_stream(reader: ShardReader, refs: list[ShardRef], mine: list[ShardRef],
 
     empty_run = [0]  # consecutive shards that gave no good sample
 
-    def shard_order() -> Iterator[ShardRef]:
-        if not resampled:
-            yield from mine
-            if not endless:
-                return
+    def draws() -> Iterator[ShardRef]:
         pool = refs if resampled or not mine else mine
         if not pool:
             return
@@ -195,14 +191,20 @@ def kind_stream(reader: ShardReader, refs: list[ShardRef], mine: list[ShardRef],
                                    f"(e.g. {pool[0].url}); see the bad-sample counters")
             yield rng.choice(pool)
 
-    def raw() -> Iterator[tuple[int, bytes, str, str]]:
-        for ref in shard_order():
+    def raw(order: Iterator[ShardRef]) -> Iterator[tuple[int, bytes, str, str]]:
+        for ref in order:
             empty_run[0] += 1
             for center, jpg, key in reader.raw_samples(ref):
                 empty_run[0] = 0
                 yield center, jpg, key, ref.url
 
-    for center, jpg, key, url in shuffled(raw(), shuffle_buffer, rng):
-        img = reader.decode(url, jpg, key)
-        if img is not None:
-            yield center, img, key, url
+    # The first pass is shuffled on its own, so its buffer drains completely before any
+    # top-up draw: every sample of the pass comes out before a repeated one.
+    passes = [iter(mine)] if not resampled else []
+    if resampled or endless:
+        passes.append(draws())
+    for order in passes:
+        for center, jpg, key, url in shuffled(raw(order), shuffle_buffer, rng):
+            img = reader.decode(url, jpg, key)
+            if img is not None:
+                yield center, img, key, url

@@ -1,0 +1,131 @@
+"""Data-plane throughput: samples/s delivered to the training loop vs the JPEG decode bound.
+
+    .venv/bin/python bench/bench_data.py [--samples 4096] [--workers 2] [--epochs 2]
+
+Builds an identity and a sequence shard set of 112x112 JPEGs, writes them to a local
+folder and to S3 on loopback (moto's server), then measures:
+- decoder options: single-process decode rate of the same JPEG bytes (PIL, simplejpeg);
+- decode bound: the same JPEG bytes decoded in a tight loop by ``--workers`` processes;
+- local / S3: samples/s of ``make_train_loader`` batches (32 identities + 32 sequences,
+  decoded, flipped, normalised, batched) with ``--workers`` DataLoader workers, measured
+  from the first batch to the last (worker start-up excluded).
+Prints figures and the ratios the data-plane issue targets (S3 >= 0.9x local,
+local >= 0.8x the decode bound). Figures, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from seqface_dist.config import DataConfig  # noqa: E402
+from seqface_dist.data import images  # noqa: E402
+from seqface_dist.data.build import write_shard_set  # noqa: E402
+from seqface_dist.data.loader import make_train_loader  # noqa: E402
+from seqface_dist.data.testing import local_s3  # noqa: E402
+
+SIZE = (112, 112)
+
+
+def face_like(seed: int) -> np.ndarray:
+    """Smooth shapes plus mild noise: compresses like an aligned face crop (~4-6 kB)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIZE[0], 0:SIZE[1]] / SIZE[0]
+    base = np.stack([np.sin(6 * x * rng.uniform(0.5, 2) + rng.uniform(0, 6)) * 60 + 128,
+                     np.cos(5 * y * rng.uniform(0.5, 2)) * 50 + 120,
+                     (x + y) * 60 + rng.uniform(40, 90)], -1)
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+def samples(n: int, classes: int, offset: int):
+    for i in range(n):
+        yield i % classes, face_like(offset + i)
+
+
+def decode_loop(args) -> tuple[int, float]:
+    blobs, decoder, repeat = args
+    t = time.perf_counter()
+    for _ in range(repeat):
+        for b in blobs:
+            images.decode_jpeg(b, 3, decoder)
+    return len(blobs) * repeat, time.perf_counter() - t
+
+
+def decode_bound(blobs: list[bytes], procs: int, decoder: str, repeat: int) -> float:
+    chunks = [blobs[i::procs] for i in range(procs)]
+    with mp.get_context("fork").Pool(procs) as pool:
+        pool.map(decode_loop, [(c[:10], decoder, 1) for c in chunks])  # warm up
+        res = pool.map(decode_loop, [(c, decoder, repeat) for c in chunks])
+    return sum(n for n, _ in res) / max(t for _, t in res)
+
+
+def loader_rate(ids: str, seqs: str, workers: int, epochs: int, endpoint: str = "") -> float:
+    cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs], identities_per_batch=32,
+                     sequences_per_batch=32, num_workers=workers, resampled=False,
+                     shuffle_buffer=1000, flip=True, s3_endpoint_url=endpoint)
+    loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3, seed=0)
+    n, t = 0, 0.0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        first = next(it)
+        t0 = time.perf_counter()
+        k = sum(1 for _ in it)
+        t += time.perf_counter() - t0
+        n += k * first[0].shape[0]
+    return n / t
+
+
+def main() -> None:
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=4096, help="per kind")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, local_s3("bench") as endpoint:
+        t = time.perf_counter()
+        for url in (f"{tmp}/ids", "s3://bench/ids"):
+            write_shard_set(samples(args.samples, 256, 0), url, "identity", max_samples=512)
+        for url in (f"{tmp}/seqs", "s3://bench/seqs"):
+            write_shard_set(samples(args.samples, 512, 10**6), url, "sequence", max_samples=512)
+        blobs = []
+        import tarfile
+
+        for name in sorted(os.listdir(f"{tmp}/ids")):
+            if name.endswith(".tar"):
+                with tarfile.open(f"{tmp}/ids/{name}") as tf:
+                    blobs += [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
+        print(f"built 2 x {args.samples} samples of {SIZE[0]}x{SIZE[1]} "
+              f"(mean JPEG {np.mean([len(b) for b in blobs]) / 1e3:.1f} kB) "
+              f"locally and in S3 in {time.perf_counter() - t:.1f} s")
+
+        decoders = ["pil"] + (["simplejpeg"] if images._sj is not None else [])
+        for d in decoders:
+            n, dt = decode_loop((blobs[:2000], d, 1))
+            print(f"decoder {d:11s}: {n / dt:8.0f} images/s (1 process)")
+        best = images.decoder_name()
+        bound = decode_bound(blobs, args.workers, best, 2)
+        print(f"decode bound     : {bound:8.0f} images/s ({args.workers} processes, {best})")
+        local = loader_rate(f"{tmp}/ids", f"{tmp}/seqs", args.workers, args.epochs)
+        print(f"loader, local    : {local:8.0f} samples/s ({args.workers} DataLoader workers)")
+        s3rate = loader_rate("s3://bench/ids", "s3://bench/seqs", args.workers, args.epochs,
+                             endpoint)
+        print(f"loader, S3       : {s3rate:8.0f} samples/s (moto on loopback)")
+        print(f"ratios: local / decode bound = {local / bound:.2f} (target >= 0.8); "
+              f"S3 / local = {s3rate / local:.2f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
