@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from seqface_dist.config import DataConfig  # noqa: E402
-from seqface_dist.data import images  # noqa: E402
+from seqface_dist.data import images, s3  # noqa: E402
 from seqface_dist.data.build import write_shard_set  # noqa: E402
 from seqface_dist.data.loader import make_train_loader  # noqa: E402
 from seqface_dist.data.testing import local_s3  # noqa: E402
@@ -96,10 +96,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, local_s3("bench") as endpoint:
         t = time.perf_counter()
-        for url in (f"{tmp}/ids", "s3://bench/ids"):
-            write_shard_set(samples(args.samples, 256, 0), url, "identity", max_samples=512)
-        for url in (f"{tmp}/seqs", "s3://bench/seqs"):
-            write_shard_set(samples(args.samples, 512, 10**6), url, "sequence", max_samples=512)
+        write_shard_set(samples(args.samples, 256, 0), f"{tmp}/ids", "identity", max_samples=512)
+        write_shard_set(samples(args.samples, 512, 10**6), f"{tmp}/seqs", "sequence",
+                        max_samples=512)
+        for kind in ("ids", "seqs"):  # the same bytes in S3
+            for name in os.listdir(f"{tmp}/{kind}"):
+                s3.put_file(f"{tmp}/{kind}/{name}", f"s3://bench/{kind}/{name}")
         blobs = []
         import tarfile
 

@@ -199,3 +199,26 @@ def test_two_sequence_sets_are_concatenated_with_offsets(tmp_path):
     seq_centers = sorted(c for i, c in enumerate(centers) if i % 3)
     # Both sets' indices 0..2 appear, shifted by N_id = 3 and by set A's 3 classes.
     assert seq_centers == sorted([3 + k % 3 for k in range(6)] + [6 + k % 3 for k in range(6)])
+
+
+def test_normalise_flip_and_crop():
+    import random
+
+    import torch
+
+    from seqface_dist.data.loader import augment, to_tensor
+
+    img = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    x = to_tensor([img, img[:, ::-1]])
+    want = (img.astype(np.float64).transpose(2, 0, 1) - 127.5) / 128
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 6, 5)
+    assert np.array_equal(x[0].numpy(), want.astype(np.float32))
+    assert np.array_equal(x[1].numpy(), want[:, :, ::-1].astype(np.float32))
+    flips = {augment(img, random.Random(s), True, 0)[0, 0, 0] for s in range(20)}
+    assert flips == {img[0, 0, 0], img[0, -1, 0]}  # both orientations occur
+    for s in range(20):
+        out = augment(img, random.Random(s), False, 2)
+        assert out.shape == img.shape
+        padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))
+        assert any(np.array_equal(out, padded[y:y + 6, x_:x_ + 5])
+                   for y in range(5) for x_ in range(5))
