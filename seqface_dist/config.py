@@ -222,6 +222,10 @@ class Config:
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        # Clipping covers backbone and head together, which needs the backbone's full
+        # gradients in place: ZeRO 1/2 keep them partitioned inside the engine.
+        _check(self.optim.grad_clip == 0 or self.train.zero_stage == 0, "optim.grad_clip",
+               "gradient clipping needs train.zero_stage: 0 (ZeRO 1/2 partition gradients)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,6 +263,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -1,17 +1,28 @@
 """``seqface train``, ``seqface demo`` and ``seqface smoke``.
 
     seqface smoke [--config F] [--steps N] [section.key=value ...]
-    seqface demo          # for now: the smoke training with a progress bar and a report
+    seqface train --config F [--resume-from URI] [--address ADDR] [section.key=value ...]
+    seqface demo [--out demo-out] [--steps 600] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="distributed training with Ray Train (training issue)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser("train", help="distributed training with Ray Train + DeepSpeed",
+                       description="Train on Ray Train workers (local Ray, or the cluster at "
+                       "--address / RAY_ADDRESS; inside `ray job submit` the job's cluster).")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--resume-from", default=None, metavar="URI",
+                   help="a checkpoint folder (local or s3://) of another run to continue; "
+                   "may have been written by a different number of workers")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(handler=_train)
 
     p = sub.add_parser("smoke", help="single-process smoke training on synthetic data")
     p.add_argument("--config", default=None,
@@ -21,12 +32,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(handler=_smoke)
 
-    p = sub.add_parser("demo", help="the one-command local demo (for now: the smoke training)")
+    p = sub.add_parser("demo", help="the one-command local demo: MNIST shards, 2 Ray "
+                       "workers, DeepSpeed, partitioned head, evaluation, export")
+    p.add_argument("--out", default="demo-out", help="folder for shards, runs and the export")
+    p.add_argument("--steps", type=int, default=600, help="training steps")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.set_defaults(handler=_demo)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise SystemExit(f"seqface {args.command}: not implemented yet (see the training issue)")
+def _train(args: argparse.Namespace) -> int:
+    from seqface_dist.config import load_config
+    from seqface_dist.train.driver import PreflightError, run
+
+    overrides = list(args.overrides)
+    if args.resume_from:
+        overrides.append(f"train.resume_from={args.resume_from}")
+    cfg = load_config(args.config, overrides)
+    try:
+        result = run(cfg, ray_address=args.address)
+    except PreflightError as e:
+        print(f"seqface train: preflight failed: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Ray raises when the run fails past its max_failures
+        print(f"seqface train: the run failed: {e}", file=sys.stderr)
+        return 1
+    if result.error is not None:
+        print(f"seqface train: the run failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"seqface train: done at step {result.metrics.get('step')}; "
+          f"latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    return 0
 
 
 def _smoke(args: argparse.Namespace) -> int:
@@ -45,14 +80,9 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from seqface_dist.train.demo import run_demo
 
-    from seqface_dist.train.smoke import format_report, run_smoke, smoke_config
-
-    cfg = smoke_config()
-    print("seqface demo: single-process smoke training (tiny backbone, synthetic faces, "
-          "LSR chief loss + DSA); the distributed demo comes with the training issue.")
-    with tqdm(total=cfg.optim.max_steps, desc="smoke", unit="step") as bar:
-        result = run_smoke(cfg, log=bar.write, progress=bar.update)
-    print(format_report(result))
+    if args.steps < 1 or args.workers < 1:
+        raise SystemExit("seqface demo: --steps and --workers must be >= 1")
+    run_demo(args.out, steps=args.steps, workers=args.workers)
     return 0

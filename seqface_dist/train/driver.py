@@ -123,9 +123,11 @@ def run(cfg: Config, *, ray_address: str | None = None, num_cpus: int | None = N
     started_here = not ray.is_initialized()
     if started_here:
         env = {"DS_ACCELERATOR": "cpu"} if not cfg.train.use_gpu else {}
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus,
-                 runtime_env={"env_vars": env}, log_to_driver=True,
-                 include_dashboard=False if num_cpus else None)
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        # The dashboard stays on: Ray Train's state queries need it. An existing cluster
+        # brings its own resources, so num_cpus only sizes a new local one.
+        ray.init(address=address, num_cpus=None if address else num_cpus,
+                 runtime_env={"env_vars": env})
     registrar = None
     try:
         if cfg.metrics.enabled and cfg.metrics.service_discovery_dir:

@@ -16,10 +16,13 @@ averages the backbone gradients over R ranks, so the gather scales that gradient
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -101,6 +104,8 @@ def train_func(config: dict) -> None:
     from seqface_dist.train.schedule import lr_multiplier, set_lr
 
     cfg = config_from_dict(config["cfg"])
+    # Ray Train logs every report at INFO; our own progress line says it once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     deepspeed = _deepspeed(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -143,6 +148,8 @@ def train_func(config: dict) -> None:
             print(f"[seqface] resumed at step {state.step} from {resume.path}", flush=True)
 
     node_ip = ray.util.get_node_ip_address()
+    node_ids: list = [None] * world  # where each rank runs, for the log
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
     metrics, target = start_worker_metrics(cfg.metrics, cfg.train.run_name, rank, world,
                                            node_ip)
     if target and cfg.metrics.service_discovery_dir:
@@ -206,14 +213,16 @@ def train_func(config: dict) -> None:
                           "chief_identity": float(out.chief_identity),
                           "dsa": float(out.dsa), "active_fraction": float(out.active_fraction),
                           "lr": o.lr * factor, "lambda": lam, "grad_norm": grad_norm,
-                          "samples_per_second": rate, "samples_seen": state.samples_seen}
+                          "samples_per_second": rate, "samples_seen": state.samples_seen,
+                          "node_ids": node_ids}
                 if vset is not None and (last or (cfg.eval.every_steps and
                                              state.step % cfg.eval.every_steps == 0)):
                     report.update(_evaluate(engine.module, vset, cfg, state.step, metrics))
                 if rank == 0:
+                    _append_history(cfg, report)
                     print("[seqface] " + " ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in report.items()), flush=True)
+                        for k, v in report.items() if k != "node_ids"), flush=True)
                 checkpoint_now = state.step % cfg.train.checkpoint_every == 0 or last
                 _report(report, checkpoint_now, engine, head, head_opt, state, rank, dist,
                         cfg if last else None)
@@ -257,6 +266,22 @@ def _report(metrics: dict, with_checkpoint: bool, engine, head, head_opt, state,
         save_checkpoint(d, engine=engine, head=head, head_optimizer=head_opt, state=state,
                         rank=rank, barrier=dist.barrier)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def history_path(cfg: Config) -> Path | None:
+    """Rank 0's log of every reported step, one JSON object a line (local storage only)."""
+    if cfg.train.storage_path.startswith("s3://"):
+        return None
+    return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.run_name / \
+        "history.jsonl"
+
+
+def _append_history(cfg: Config, report: dict) -> None:
+    path = history_path(cfg)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(report) + "\n")
 
 
 def _data_counters(c: dict) -> dict:
