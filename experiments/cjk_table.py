@@ -1,0 +1,283 @@
+"""The Table-1 analogue (SeqFace, Hu et al. 2018) on CJK glyphs drawn by Debian's fonts.
+
+A character is an identity, a font is one photo of it (see `experiments/glyphs.py`).
+The characters (code points U+4E00..U+7FFF with at least `--min-fonts` valid renders) are
+shuffled once (`--split-seed`) and cut into
+  A  `--n-a` labeled identities,
+  B  `--n-b` classes used only as sequences: each B character's fonts are cut into tracks
+     of about `--track-len` fonts, each track its own sequence (tracks of one character
+     are not known to match, like two video tracks of one person),
+  C  `--n-c` unseen classes for verification: 10 folds of disjoint characters, each with
+     `--pairs-per-fold` genuine (one character, two fonts) and as many impostor pairs.
+Conditions, all with the same budget (steps x batch) and the same net (`tiny`, 64-d):
+  a-only    chief loss (A-Softmax) on A
+  lsr       A + B, B through LSR
+  lsr-dsa   A + B, LSR + DSA
+  upper     A + B with B labeled (B characters as identities): an upper bound
+For each condition and seed: 10-fold accuracy, TAR@FAR and AUC on the C pairs (cosine of
+the features). Rows report mean ± std over the seeds.
+
+Needs the fonts (Debian):
+  apt-get update && apt-get install -y --no-install-recommends fonts-arphic-ukai ...
+(the full line is `experiments.glyphs.APT_LINE`; the script names what is missing).
+
+    python -m experiments.cjk_table                           # the published table
+    python -m experiments.cjk_table --conditions lsr-dsa --seeds 0   # one row, one seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.common import TrainData, TrainSpec, embed, train
+from experiments.glyphs import GlyphSet, available_fonts, load_glyphs, require_fonts
+from seqface_dist.eval.verification import cosine_scores, evaluate_scores
+from seqface_dist.models import tiny
+
+CONDITIONS = ("a-only", "lsr", "lsr-dsa", "upper")
+FARS = (1e-2, 1e-3)
+
+
+@dataclass
+class Split:
+    a_images: np.ndarray
+    a_labels: np.ndarray  # 0..n_a-1
+    b_images: np.ndarray
+    b_chars: np.ndarray  # 0..n_b-1 (the character, used only by "upper")
+    b_tracks: np.ndarray  # 0..n_seq-1
+    c_images: np.ndarray
+    pair_i: np.ndarray  # indices into c_images
+    pair_j: np.ndarray
+    issame: np.ndarray
+    folds: np.ndarray
+    n_a: int
+    n_b: int
+    n_seq: int
+    n_c: int
+
+
+def split_glyphs(gs: GlyphSet, n_a: int, n_b: int, n_c: int, track_len: int,
+                 pairs_per_fold: int, seed: int) -> Split:
+    """Cut the characters into A, B (tracks) and C (10 folds of pairs); deterministic."""
+    chars = gs.chars()
+    if n_a + n_b + n_c > len(chars):
+        raise ValueError(f"--n-a + --n-b + --n-c = {n_a + n_b + n_c} but only {len(chars)} "
+                         f"characters have enough fonts")
+    if n_c < 10:
+        raise ValueError("--n-c must be at least 10 (10 folds of disjoint characters)")
+    rng = np.random.default_rng(seed)
+    chars = rng.permutation(chars)
+    a, b, c = chars[:n_a], chars[n_a:n_a + n_b], chars[n_a + n_b:n_a + n_b + n_c]
+
+    def rows(cs):
+        return {int(ch): np.flatnonzero(gs.char_of == ch) for ch in cs}
+
+    ra, rb, rc = rows(a), rows(b), rows(c)
+    a_idx = np.concatenate(list(ra.values()))
+    a_lab = np.concatenate([np.full(len(v), k) for k, v in enumerate(ra.values())])
+    b_idx, b_char, b_track, n_seq = [], [], [], 0
+    for k, v in enumerate(rb.values()):
+        parts = np.array_split(rng.permutation(v), max(1, round(len(v) / track_len)))
+        for part in parts:
+            b_idx.append(part)
+            b_char.append(np.full(len(part), k))
+            b_track.append(np.full(len(part), n_seq))
+            n_seq += 1
+    c_idx = np.concatenate(list(rc.values()))
+    pos = {int(g): p for p, g in enumerate(c_idx)}
+    c_rows = [np.array([pos[int(g)] for g in v]) for v in rc.values()]
+    pi, pj, same, folds = [], [], [], []
+    for f, group in enumerate(np.array_split(np.arange(n_c), 10)):
+        for _ in range(pairs_per_fold):
+            r = c_rows[rng.choice(group)]
+            i, j = rng.choice(r, 2, replace=False)
+            pi.append(i), pj.append(j), same.append(True), folds.append(f)
+        for _ in range(pairs_per_fold):
+            x, y = rng.choice(group, 2, replace=False)
+            pi.append(rng.choice(c_rows[x])), pj.append(rng.choice(c_rows[y]))
+            same.append(False), folds.append(f)
+    return Split(gs.images[a_idx], a_lab, gs.images[np.concatenate(b_idx)],
+                 np.concatenate(b_char), np.concatenate(b_track), gs.images[c_idx],
+                 np.asarray(pi), np.asarray(pj), np.asarray(same), np.asarray(folds),
+                 n_a, n_b, n_seq, n_c)
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--n-a", type=int, default=1000, help="labeled classes")
+    ap.add_argument("--n-b", type=int, default=1000, help="classes used as sequences")
+    ap.add_argument("--n-c", type=int, default=1000, help="unseen classes for pairs")
+    ap.add_argument("--min-fonts", type=int, default=18,
+                    help="keep characters with at least this many valid renders")
+    ap.add_argument("--track-len", type=int, default=5, help="fonts per B track (about)")
+    ap.add_argument("--pairs-per-fold", type=int, default=300)
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--center-lr", type=float, default=0.1)
+    ap.add_argument("--scale", type=float, default=32.0)
+    ap.add_argument("--m", type=int, default=4)
+    ap.add_argument("--lam", type=float, default=5.0)
+    ap.add_argument("--emb-dim", type=int, default=64)
+    ap.add_argument("--dsa-p", type=float, default=0.01)
+    ap.add_argument("--dsa-lam", type=float, default=0.5)
+    ap.add_argument("--dsa-weight", type=float, default=0.04)
+    ap.add_argument("--max-chars", type=int, default=None,
+                    help="render only the first N eligible characters (smoke tests)")
+    ap.add_argument("--min-installed-fonts", type=int, default=12)
+    ap.add_argument("--cache-dir", default="runs/cache", help="rendered-glyph cache (.npz)")
+    ap.add_argument("--threads", type=int, default=1)
+
+
+def load_split(args: argparse.Namespace, log=print) -> Split:
+    fonts = require_fonts(args.min_installed_fonts)
+    log(f"{len(fonts)} fonts installed: {', '.join(f.name for f in fonts)}")
+    render_min = min(12, args.min_fonts)
+    gs = load_glyphs(fonts, args.cache_dir, min_fonts=render_min, max_chars=args.max_chars,
+                     log=log).with_min_fonts(args.min_fonts)
+    split = split_glyphs(gs, args.n_a, args.n_b, args.n_c, args.track_len,
+                         args.pairs_per_fold, args.split_seed)
+    log(f"{len(gs.chars())} characters with >= {args.min_fonts} fonts; A {split.n_a} classes "
+        f"({len(split.a_labels)} images), B {split.n_b} classes as {split.n_seq} tracks "
+        f"({len(split.b_tracks)} images), C {split.n_c} classes ({len(split.c_images)} "
+        f"images, {len(split.issame)} pairs)")
+    return split
+
+
+def run_one(split: Split, condition: str, seed: int, args: argparse.Namespace,
+            *, dsa_p: float | None = None, dsa_lam: float | None = None,
+            dsa_weight: float | None = None, log=print) -> dict:
+    """Train one condition with one seed; verification figures on the C pairs."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition {condition!r}: choose from {CONDITIONS}")
+    if condition == "upper":
+        data = TrainData(np.concatenate([split.a_images, split.b_images]),
+                         np.concatenate([split.a_labels, split.b_chars + split.n_a]),
+                         split.n_a + split.n_b)
+    else:
+        data = TrainData(split.a_images, split.a_labels, split.n_a, split.b_images,
+                         split.b_tracks, split.n_seq)
+    spec = TrainSpec(steps=args.steps, batch=args.batch, optimizer=args.optimizer, lr=args.lr,
+                     scale=args.scale, m=args.m, lam=args.lam,
+                     use_sequences=condition in ("lsr", "lsr-dsa"),
+                     use_dsa=condition == "lsr-dsa",
+                     dsa_p=args.dsa_p if dsa_p is None else dsa_p,
+                     dsa_lam=args.dsa_lam if dsa_lam is None else dsa_lam,
+                     dsa_weight=args.dsa_weight if dsa_weight is None else dsa_weight,
+                     center_lr=args.center_lr, seed=seed, log_every=max(1, args.steps // 4))
+    torch.manual_seed(seed)
+    size = split.a_images.shape[1:]
+    net = tiny(in_channels=1, embedding_dim=args.emb_dim, input_size=list(size))
+    final = train(net, data, spec, log=log, tag=f"{condition}/seed{seed}")
+    feats = embed(net, split.c_images)
+    res = evaluate_scores(cosine_scores(feats[split.pair_i], feats[split.pair_j]),
+                          split.issame, folds=split.folds, far_targets=FARS)
+    out = {"condition": condition, "seed": seed, "accuracy": res.accuracy,
+           "accuracy_fold_std": res.accuracy_std, "auc": res.auc, "final": final,
+           "dsa_p": spec.dsa_p, "dsa_lam": spec.dsa_lam, "dsa_weight": spec.dsa_weight}
+    for t in res.tar_at_far:
+        out[f"tar@far={t.far_target:g}"] = t.tar
+    log(f"[{condition} seed {seed}] C pairs: accuracy {res.accuracy:.4f} ± "
+        f"{res.accuracy_std:.4f} (10 folds), " + ", ".join(
+            f"TAR@FAR={t.far_target:g} {t.tar:.4f}" for t in res.tar_at_far)
+        + f", AUC {res.auc:.4f} ({final['seconds']:.0f} s)")
+    return out
+
+
+def summarise(results: list[dict], key_fields: tuple[str, ...]) -> list[dict]:
+    """Mean ± std (over seeds, ddof=0) of each metric for each group of `key_fields`."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(r[k] for k in key_fields), []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        row = dict(zip(key_fields, key, strict=True))
+        row["seeds"] = [r["seed"] for r in rs]
+        for metric in ["accuracy", "auc"] + [f"tar@far={f:g}" for f in FARS]:
+            v = np.array([r[metric] for r in rs])
+            row[metric] = float(v.mean())
+            row[metric + "_std"] = float(v.std())
+        rows.append(row)
+    return rows
+
+
+def command_for(argv: list[str], module: str, **replace: str) -> str:
+    """The command line that reproduces a row: `argv` with some options replaced."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name.startswith("--") and name[2:].replace("-", "_") in replace:
+            skip = "=" not in a and i + 1 < len(argv)
+            continue
+        out.append(a)
+    for k, v in replace.items():
+        out += [f"--{k.replace('_', '-')}", v]
+    return shlex.join(["python", "-m", module, *out])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(ap)
+    ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="docs", help="folder for cjk_table.json / .md")
+    args = ap.parse_args(argv)
+    conditions = args.conditions.split(",")
+    if bad := [c for c in conditions if c not in CONDITIONS]:
+        ap.error(f"--conditions: unknown {bad}; choose from {CONDITIONS}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    split = load_split(args, log=lambda s: print(s, flush=True))
+    results = []
+    for cond in conditions:
+        for seed in seeds:
+            results.append(run_one(split, cond, seed, args,
+                                   log=lambda s: print(s, flush=True)))
+    rows = summarise(results, ("condition",))
+    for row in rows:
+        row["command"] = command_for(argv, "experiments.cjk_table",
+                                     conditions=row["condition"])
+    report = {"args": vars(args), "fonts": [f.name for f in available_fonts()],
+              "sizes": {"a": split.n_a, "b": split.n_b, "b_tracks": split.n_seq,
+                        "c": split.n_c, "a_images": len(split.a_labels),
+                        "b_images": len(split.b_tracks), "c_images": len(split.c_images),
+                        "pairs": len(split.issame)},
+              "rows": rows, "runs": results, "seconds": time.time() - t0}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cjk_table.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "cjk_table.md").write_text(markdown_table(rows))
+    print(markdown_table(rows), flush=True)
+    print(f"wrote {out / 'cjk_table.json'} and {out / 'cjk_table.md'} "
+          f"({report['seconds']:.0f} s)", flush=True)
+    return report
+
+
+def markdown_table(rows: list[dict], first: str = "condition") -> str:
+    head = [first, "10-fold acc.", "TAR@FAR=1e-2", "TAR@FAR=1e-3", "AUC", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r[first])] + [f"{r[k]:.4f} ± {r[k + '_std']:.4f}" for k in
+                                   ("accuracy", "tar@far=0.01", "tar@far=0.001", "auc")]
+        cells.append(",".join(map(str, r["seeds"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
