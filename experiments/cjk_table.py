@@ -72,8 +72,9 @@ def split_glyphs(gs: GlyphSet, n_a: int, n_b: int, n_c: int, track_len: int,
     if n_a + n_b + n_c > len(chars):
         raise ValueError(f"--n-a + --n-b + --n-c = {n_a + n_b + n_c} but only {len(chars)} "
                          f"characters have enough fonts")
-    if n_c < 10:
-        raise ValueError("--n-c must be at least 10 (10 folds of disjoint characters)")
+    if n_c < 20:
+        raise ValueError("--n-c must be at least 20 (10 folds of disjoint characters, two or "
+                         "more per fold for impostor pairs)")
     rng = np.random.default_rng(seed)
     chars = rng.permutation(chars)
     a, b, c = chars[:n_a], chars[n_a:n_a + n_b], chars[n_a + n_b:n_a + n_b + n_c]

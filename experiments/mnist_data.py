@@ -29,8 +29,16 @@ def _reconstruct(subtype: object, shape: object, code: object) -> np.ndarray:
     return np.ndarray.__new__(np.ndarray, shape, np.dtype("u1"))
 
 
+def _latin1_encode(text: object, encoding: object = "utf-8") -> bytes:
+    # Python 3 writes bytes at protocol 2 as _codecs.encode(str, "latin1"); nothing else.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"mnist.pkl.gz: _codecs.encode({encoding!r}) refused")
+    return text.encode("latin1")
+
+
 class _MnistUnpickler(pickle.Unpickler):
-    _ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _dtype}
+    _ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _dtype,
+                ("_codecs", "encode"): _latin1_encode}
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in self._ALLOWED:
