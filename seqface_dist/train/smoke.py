@@ -19,7 +19,6 @@ one person.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 from seqface_dist.config import Config, config_from_dict, load_config, parse_override
+from seqface_dist.eval.verification import evaluate_scores
 from seqface_dist.losses import (
     dsa_terms,
     lambda_schedule,
@@ -39,6 +39,7 @@ from seqface_dist.losses import (
     sample_negatives,
 )
 from seqface_dist.models import build_backbone
+from seqface_dist.train.schedule import lr_multiplier
 
 # The smoke run's config (configs/smoke.yaml holds the same values; a test keeps them equal).
 SMOKE_BASE: dict[str, Any] = {
@@ -168,29 +169,6 @@ def verification_pairs(labels: torch.Tensor, n_pairs: int,
     return ii, jj, same
 
 
-def _best_threshold(scores: torch.Tensor, same: torch.Tensor) -> float:
-    # Candidates midway between neighbouring scores (and beyond both ends), so a held-out
-    # score equal to a training extreme is not decided by a tie.
-    s = torch.sort(scores).values
-    cands = torch.cat([s[:1] - 1e-3, (s[1:] + s[:-1]) / 2, s[-1:] + 1e-3])
-    acc = ((scores[None, :] > cands[:, None]) == same[None, :]).float().mean(dim=1)
-    return float(cands[int(acc.argmax())])
-
-
-def kfold_accuracy(scores: torch.Tensor, same: torch.Tensor, folds: int = 10,
-                   *, seed: int = 0) -> tuple[float, float]:
-    """Mean test accuracy over k folds (threshold fit on the other k-1) and the overall
-    best threshold."""
-    perm = torch.randperm(scores.shape[0], generator=torch.Generator().manual_seed(seed))
-    accs = []
-    for fold in perm.chunk(folds):
-        train = torch.ones(scores.shape[0], dtype=torch.bool)
-        train[fold] = False
-        thr = _best_threshold(scores[train], same[train])
-        accs.append(((scores[fold] > thr) == same[fold]).float().mean())
-    return float(torch.stack(accs).mean()), _best_threshold(scores, same)
-
-
 @torch.no_grad()
 def verify(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
            n_pairs: int, seed: int) -> dict[str, float]:
@@ -200,23 +178,14 @@ def verify(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     net.train(was_training)
     i, j, same = verification_pairs(labels, n_pairs, torch.Generator().manual_seed(seed))
     scores = (feats[i] * feats[j]).sum(dim=1)
-    acc, thr = kfold_accuracy(scores, same, seed=seed)
-    return {"accuracy": acc, "threshold": thr}
+    # 10 folds drawn at random, so the fold split owes nothing to the pairs' order.
+    folds = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed)) % 10
+    res = evaluate_scores(scores.numpy(), same.numpy(), folds=folds.numpy())
+    return {"accuracy": res.accuracy, "threshold": res.threshold}
 
 
 # ---------------------------------------------------------------------------------------
 # Training.
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """The backbone/classifier learning rate at ``step`` (optim.schedule)."""
-    o = cfg.optim
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.schedule == "cosine":
-        span = max(1, o.max_steps - o.warmup_steps)
-        return 0.5 * o.lr * (1.0 + math.cos(math.pi * min(1.0, (step - o.warmup_steps) / span)))
-    return o.lr * o.gamma ** sum(step >= m for m in o.milestones)
 
 
 def mixed_batch(data: SmokeData, cfg: Config,
@@ -285,7 +254,7 @@ def _run_smoke(cfg: Config, spec: SyntheticSpec, log: Callable[[str], None] | No
     start = time.perf_counter()
     net.train()
     for step in range(steps):
-        lr = lr_at(step, cfg)
+        lr = cfg.optim.lr * lr_multiplier(step, cfg.optim)
         for group in opt.param_groups:
             group["lr"] = lr
         if lc.center_lr <= 0:  # the reference: centers follow the net's learning rate
