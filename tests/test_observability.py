@@ -1,0 +1,286 @@
+"""A real Prometheus server scrapes a real 2-worker training run (local Ray, DeepSpeed, gloo).
+
+Prometheus (Debian's package) runs on loopback with cluster/prometheus.yml, changed only to
+a 1 s scrape interval and the run's discovery folder. Nothing is registered by hand: the
+driver's registrar writes ``<sd_dir>/<run>.json`` and each worker adds its own endpoint, as
+on a cluster. The identity shards carry one corrupt JPEG each, so every shard a worker
+opens adds one ``bad_jpeg`` sample that the run must skip, count and export.
+
+One run serves both tests (a module fixture): while it trains, a poller thread asks
+Prometheus's HTTP API whether both targets are ``up`` and which step each rank is at; after
+it, range queries read back every sample Prometheus scraped during the run (instant
+queries would see nothing: a target that goes away gets staleness markers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import yaml
+
+from seqface_dist.config import config_from_dict
+from seqface_dist.metrics import LOSS_TERMS, sd_path
+from seqface_dist.train.driver import run
+from seqface_dist.train.worker import history_path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS = shutil.which("prometheus")
+RUN = "obs"
+STEPS = 240
+READY_S = 60.0  # Prometheus up and answering
+
+pytestmark = [
+    pytest.mark.timeout(420),
+    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (Debian package "
+                       "'prometheus'; scripts/test.sh installs it, so CI runs this)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def query(base: str, q: str) -> list[dict]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def series(base: str, selector: str, window: str = "10m") -> dict[tuple, list[float]]:
+    """Every sample of ``selector`` scraped in the last ``window``, keyed by (rank, extra
+    label value) -- the extra label being term, reason, ... ("" when there is none)."""
+    out = {}
+    for r in query(base, f"{selector}[{window}]"):
+        m = r["metric"]
+        extra = [v for k, v in m.items() if k not in _COMMON]
+        assert len(extra) <= 1, m
+        out[(m["rank"], extra[0] if extra else "")] = [float(v) for _, v in r["values"]]
+    return out
+
+
+_COMMON = ("__name__", "instance", "job", "run", "rank", "node")
+
+
+def corrupt_first_jpeg(tar: Path) -> None:
+    """Break the start-of-image marker of the tar's first JPEG; same size, tar still valid."""
+    data = bytearray(tar.read_bytes())
+    pos = data.find(b"\xff\xd8\xff")
+    assert pos > 0, f"{tar}: no JPEG inside"
+    data[pos:pos + 2] = b"NO"
+    tar.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from seqface_dist.data.build import write_shard_set
+    from seqface_dist.data.mnist import load_mnist
+
+    out = tmp_path_factory.mktemp("shards")
+    x, y = load_mnist()["train"]
+    ids = [(int(d), x[i]) for d in range(5) for i in np.nonzero(y == d)[0][:120]]
+    seqs = [(k * 4 + j // 25, x[i]) for k, d in enumerate((5, 6, 7))
+            for j, i in enumerate(np.nonzero(y == d)[0][:100])]
+    np.random.default_rng(0).shuffle(ids)
+    write_shard_set(ids, str(out / "ids"), "identity", max_samples=100)
+    write_shard_set(seqs, str(out / "seqs"), "sequence", max_samples=100)
+    tars = sorted((out / "ids").glob("*.tar"))
+    assert len(tars) == 6
+    for t in tars:  # every identity shard a worker opens holds one bad sample
+        corrupt_first_jpeg(t)
+    return out
+
+
+def start_prometheus(tmp: Path, sd_dir: Path) -> tuple[subprocess.Popen, str, Path]:
+    cfg = yaml.safe_load((ROOT / "cluster" / "prometheus.yml").read_text())
+    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    cfg["scrape_configs"] = [j for j in cfg["scrape_configs"] if j["job_name"] == "seqface"]
+    cfg["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(sd_dir / "*.json")]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    log = tmp / "prometheus.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
+             f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp / 'tsdb'}"],
+            stdout=logf, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"prometheus exited:\n{log.read_text()[-3000:]}")
+        try:
+            if urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200:
+                return proc, base, log
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"prometheus not ready in {READY_S} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+_OWN_RAY_ENV = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
+
+
+def start_own_ray() -> None:
+    """A fresh local Ray cluster that every process of it knows as *the* cluster.
+
+    Other people's Ray clusters may run on this machine. Ray Train's placement-group
+    cleaner asks the state API whether the controller is alive, and without RAY_ADDRESS
+    that API picks the machine's *latest* cluster: another one answers "no such actor"
+    and the cleaner removes this run's placement group mid-run (seen here). So the GCS
+    gets a known port, RAY_ADDRESS names it (the raylet and every worker inherit it),
+    and the dashboard is on, since the state API goes through it.
+    """
+    port = free_port()
+    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
+    # "local": RAY_ADDRESS is for the cluster's own processes, not an address to join.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), object_store_memory=256 << 20)
+
+
+@dataclass
+class Seen:
+    """What the poller saw while the run trained."""
+
+    up: dict[str, float] = field(default_factory=dict)  # rank -> up, first time both seen
+    steps: dict[str, set] = field(default_factory=dict)  # rank -> global steps seen
+    sd_groups: list = field(default_factory=list)  # discovery file contents
+    errors: list = field(default_factory=list)
+
+
+def poll(base: str, sd_file: Path, seen: Seen, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            if not seen.sd_groups and sd_file.exists():
+                groups = json.loads(sd_file.read_text())
+                if len(groups) == 2:
+                    seen.sd_groups = groups
+            up = {r["metric"]["rank"]: float(r["value"][1])
+                  for r in query(base, f'up{{job="seqface",run="{RUN}"}}')}
+            if not seen.up and len(up) == 2 and all(v == 1.0 for v in up.values()):
+                seen.up = up
+            for r in query(base, f'seqface_global_step{{run="{RUN}"}}'):
+                seen.steps.setdefault(r["metric"]["rank"], set()).add(float(r["value"][1]))
+        except Exception as e:  # noqa: BLE001 - recorded; the test reports it if it matters
+            seen.errors.append(repr(e))
+        stop.wait(0.5)
+
+
+@dataclass
+class Observed:
+    base: str
+    seen: Seen
+    history: list[dict]
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def observed(shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("obs")
+    sd_dir = tmp / "sd"
+    sd_dir.mkdir()
+    cfg = config_from_dict({
+        "model": {"backbone": "tiny", "embedding_dim": 32, "input_size": [28, 28],
+                  "in_channels": 1},
+        "loss": {"scale": 16.0, "dsa_p": 0.3},
+        "data": {"identity_shards": [str(shards / "ids")],
+                 "sequence_shards": [str(shards / "seqs")],
+                 "identities_per_batch": 16, "sequences_per_batch": 16, "num_workers": 1,
+                 "shuffle_buffer": 50},
+        "optim": {"lr": 0.05, "max_steps": STEPS, "milestones": [10_000]},
+        "train": {"run_name": RUN, "storage_path": str(tmp / "runs"), "num_workers": 2,
+                  "log_every": 10, "checkpoint_every": 10_000, "max_failures": 0},
+        "metrics": {"enabled": True, "service_discovery_dir": str(sd_dir)},
+    })
+    proc, base, log = start_prometheus(tmp, sd_dir)
+    seen, stop = Seen(), threading.Event()
+    poller = threading.Thread(target=poll, args=(base, sd_path(sd_dir, RUN), seen, stop),
+                              daemon=True)
+    old_env = {k: os.environ.get(k) for k in _OWN_RAY_ENV}
+    try:
+        start_own_ray()
+        poller.start()
+        t0 = time.monotonic()
+        run(cfg)  # raises if a worker failed: the corrupt samples must not crash it
+        print(f"run of {STEPS} steps: {time.monotonic() - t0:.0f} s")
+        stop.set()
+        poller.join(timeout=10)
+        history = [json.loads(x) for x in history_path(cfg).read_text().splitlines()]
+        yield Observed(base, seen, history, log)
+    finally:
+        stop.set()
+        ray.shutdown()
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_prometheus_scrapes_both_workers_of_a_real_run(observed):
+    seen, base = observed.seen, observed.base
+    assert observed.history[-1]["step"] == STEPS
+    # Discovery: the driver's file listed both ranks on loopback, Prometheus found them.
+    assert sorted(g["labels"]["rank"] for g in seen.sd_groups) == ["0", "1"], seen
+    assert all(t.startswith("127.0.0.1:") for g in seen.sd_groups for t in g["targets"])
+    assert seen.up == {"0": 1.0, "1": 1.0}, (seen, observed.log.read_text()[-3000:])
+    # Training progressed between scrapes while the poller watched.
+    assert set(seen.steps) == {"0", "1"} and all(len(s) >= 2 for s in seen.steps.values()), seen
+
+    # Every loss term of both ranks was scraped, and each moved during the run.
+    loss = series(base, f'seqface_loss{{run="{RUN}"}}')
+    for term in LOSS_TERMS:
+        for rank in ("0", "1"):
+            values = loss.get((rank, term))
+            assert values, f"no {term} loss scraped for rank {rank}: {sorted(loss)}"
+            assert len(set(values)) >= 2, f"{term} loss of rank {rank} never moved: {values}"
+    # Throughput of both ranks: positive, and it changed from scrape to scrape.
+    tput = series(base, f'seqface_throughput_samples_per_second{{run="{RUN}"}}')
+    assert set(tput) == {("0", ""), ("1", "")}, tput
+    for key, values in tput.items():
+        assert max(values) > 0 and len(set(values)) >= 2, (key, values)
+    # The steps counters rose from scrape to scrape, never past the run's length.
+    steps = series(base, f'seqface_steps_total{{run="{RUN}"}}')
+    assert set(steps) == {("0", ""), ("1", "")}, steps
+    for key, values in steps.items():
+        assert values[0] < values[-1] <= STEPS, (key, values)
+    # Every series carries the node it ran on (one machine here: the same for both ranks).
+    nodes = {r["metric"]["node"] for r in query(base, f'seqface_world_size{{run="{RUN}"}}[10m]')}
+    assert len(nodes) == 1 and "" not in nodes, nodes
+
+
+def test_corrupt_shards_raise_the_bad_sample_counter_and_the_run_survives(observed):
+    base = observed.base
+    assert observed.history[-1]["step"] == STEPS  # skipped, not fatal
+    bad = series(base, f'seqface_bad_samples_total{{run="{RUN}"}}')
+    # Only the damage put in, on both ranks; it rose as more corrupt shards were opened.
+    assert set(bad) == {("0", "bad_jpeg"), ("1", "bad_jpeg")}, bad
+    opened = series(base, f'seqface_shards_opened_total{{run="{RUN}"}}')
+    for (rank, _), values in bad.items():
+        assert 0 < values[0] < values[-1], (rank, values)
+        # One corrupt JPEG per identity shard: never more bad samples than shards opened.
+        assert values[-1] <= opened[(rank, "")][-1], (rank, values, opened)
