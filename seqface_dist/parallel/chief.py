@@ -24,6 +24,33 @@ from .comm import Comm
 _ROWDOT_CHUNK = 1 << 16  # rows per chunk of the W-norm correction (bounds its temporary)
 
 
+class Workspace:
+    """Large buffers the head reuses step after step.
+
+    A fresh gigabyte-sized tensor costs a page fault per page on first write (seen ~1 s/GB
+    on a VM); the logits buffer and W's gradient are the same shapes every step, so they
+    are allocated once. A buffer still held by a forward awaiting its backward is never
+    handed out twice: the second caller gets a temporary.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._busy: set[str] = set()
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        if name in self._busy:
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        b = self._bufs.get(name)
+        if b is None or b.shape != shape or b.dtype != like.dtype or b.device != like.device:
+            b = self._bufs[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        self._busy.add(name)
+        return b
+
+    def give_back(self, name: str, buf: torch.Tensor) -> None:
+        if self._bufs.get(name) is buf:
+            self._busy.discard(name)
+
+
 @dataclass(frozen=True)
 class MarginSpec:
     kind: str = "sphereface"
@@ -44,15 +71,19 @@ class BlockMarginSoftmax(torch.autograd.Function):
     Inputs: ``fn`` (B x D) L2-normalised features of the global batch; ``weight``
     (n x D) raw local rows of W; ``target_col`` (B,) local column of the sample's identity
     where this rank owns it, else -1; ``is_seq`` (B,) bool. Returns l (B,), equal on all
-    ranks. Backward may run once (it reuses the saved buffer in place).
+    ranks. Backward may run once (it reuses the saved buffer in place). W's gradient is
+    written into ``weight.grad`` directly (a workspace buffer, accumulated if a gradient
+    is already there), so no fresh n x D tensor is allocated per step.
     """
 
     @staticmethod
     def forward(ctx, fn, weight, target_col, is_seq, comm: Comm, spec: MarginSpec,
-                lam: float, num_identities: int):
+                lam: float, num_identities: int, workspace: Workspace):
         eps = torch.finfo(weight.dtype).tiny
         inv_wnorm = weight.norm(dim=1).clamp_min(eps).reciprocal_()
-        z = fn @ weight.t()  # GEMM 1; the block's only B x n buffer from here on
+        # GEMM 1, into the block's only B x n buffer.
+        z = workspace.take("logits", (fn.shape[0], weight.shape[0]), fn)
+        torch.mm(fn, weight.t(), out=z)
         z.mul_(inv_wnorm)  # cosines
         rows = (target_col >= 0).nonzero().squeeze(1)
         cols = target_col[rows]
@@ -80,6 +111,7 @@ class BlockMarginSoftmax(torch.autograd.Function):
 
         ctx.save_for_backward(z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_t, is_seq)
         ctx.scale, ctx.num_identities = spec.scale, num_identities
+        ctx.workspace, ctx.weight = workspace, weight  # the Parameter, to write its .grad
         return loss
 
     @staticmethod
@@ -92,10 +124,23 @@ class BlockMarginSoftmax(torch.autograd.Function):
         g[rows, cols] *= dg_t
         g.mul_(inv_wnorm)  # dL/d(fn . w_c) with cos = fn . w_c / |w_c|
         grad_fn = g @ weight  # GEMM 2
-        grad_w = g.t() @ fn  # GEMM 3: A_c = sum_i g_ic fn_i
+        param = ctx.weight
+        accumulate = param.grad is not None
+        grad_w = ctx.workspace.take("grad_w", tuple(weight.shape), weight)
+        if accumulate and grad_w is param.grad:  # never overwrite what we add to
+            ctx.workspace.give_back("grad_w", grad_w)
+            grad_w = torch.empty_like(weight)
+        torch.mm(g.t(), fn, out=grad_w)  # GEMM 3: A_c = sum_i g_ic fn_i
         # d cos/d w_c = (fn - cos wn_c) / |w_c|  ->  grad_c = A_c - w_c (w_c . A_c) / |w_c|^2
         for s in range(0, grad_w.shape[0], _ROWDOT_CHUNK):
             a, w = grad_w[s:s + _ROWDOT_CHUNK], weight[s:s + _ROWDOT_CHUNK]
             coef = torch.einsum("nd,nd->n", w, a) * inv_wnorm[s:s + _ROWDOT_CHUNK].square()
             a.sub_(w * coef[:, None])
-        return grad_fn, grad_w, None, None, None, None, None, None
+        ctx.workspace.give_back("logits", z)
+        if accumulate:
+            param.grad.add_(grad_w)
+            ctx.workspace.give_back("grad_w", grad_w)
+        else:
+            param.grad = grad_w  # stays ours: reused next step once the optimizer is done
+            ctx.workspace.give_back("grad_w", grad_w)
+        return grad_fn, None, None, None, None, None, None, None, None

@@ -25,7 +25,8 @@ class BlockDSA(torch.autograd.Function):
     Returns (L (B,), pull (B,), push (B,), stats (3,)): L has gradients; pull = lam d_pos
     and push = (1 - lam)/|S| sum hinge are for logging; stats = (active hinge terms,
     counted hinge terms, |S|). ``centers`` receives the center update, not a gradient:
-    -(1/(1 + count_n)) sum_{i: t_i = n} (f_i - c_n)/2, whatever the loss is scaled by.
+    -(1/(1 + count_n)) sum_{i: t_i = n} (f_i - c_n)/2, whatever the loss is scaled by, as
+    a sparse tensor over the batch's rows (the head's optimizer applies it in place).
     """
 
     @staticmethod
@@ -58,13 +59,15 @@ class BlockDSA(torch.autograd.Function):
         push = push_coef * hinge_sum
         stats = torch.stack([n_active.sum(), n_counted.sum(), num_drawn])
 
-        # Center update for the centers this rank owns (index_add over their samples).
-        update = torch.zeros_like(centers)
-        count = torch.zeros(centers.shape[0], dtype=feats.dtype, device=feats.device)
-        rows = own_row[owned]
-        update.index_add_(0, rows, diff_pos)
-        count.index_add_(0, rows, torch.ones_like(rows, dtype=feats.dtype))
-        update.mul_((-0.5 / (1.0 + count))[:, None])
+        # Center update for the centers this rank owns, as a sparse gradient over only the
+        # rows in the batch: a dense one would zero-fill and rewrite the whole block.
+        rows, slot = own_row[owned].unique(return_inverse=True)
+        delta = torch.zeros(rows.numel(), feats.shape[1], dtype=feats.dtype, device=feats.device)
+        delta.index_add_(0, slot, diff_pos)
+        count = torch.bincount(slot, minlength=rows.numel()).to(feats.dtype)
+        delta.mul_((-0.5 / (1.0 + count))[:, None])
+        update = torch.sparse_coo_tensor(rows[None], delta, centers.shape, is_coalesced=True,
+                                         check_invariants=False)  # unique rows, in range
 
         ctx.save_for_backward(feats, centers, owned, own_row, diff_pos, neg, active,
                               n_active, push_coef, update)

@@ -25,7 +25,7 @@ import torch.nn as nn
 from seqface_dist.config import LossConfig
 from seqface_dist.losses import lambda_schedule, sample_negatives
 
-from .chief import BlockMarginSoftmax, MarginSpec
+from .chief import BlockMarginSoftmax, MarginSpec, Workspace
 from .comm import Comm, gather_rows
 from .dsa import BlockDSA
 from .optim import InPlaceSGD
@@ -96,6 +96,7 @@ class PartitionedHead(nn.Module):
         self.margin = MarginSpec(self.cfg.margin, self.cfg.m, self.cfg.scale,
                                  self.cfg.arcface_margin, self.cfg.cosface_margin)
         self.feature_grad_scale = feature_grad_scale
+        self.workspace = Workspace()
 
         id0, id1, sq0, sq1 = self.layout.local_rows(self.rank)
         self.id_rows, self.seq_rows = (id0, id1), (sq0, sq1)
@@ -189,7 +190,7 @@ class PartitionedHead(nn.Module):
         tiny = torch.finfo(feats.dtype).tiny
         fn = feats / feats.norm(dim=1, keepdim=True).clamp_min(tiny)
         chief_i = BlockMarginSoftmax.apply(fn, self.weight, target_col, is_seq, self.comm,
-                                           self.margin, lam, n_id)
+                                           self.margin, lam, n_id, self.workspace)
 
         # DSA: pull by the owner of each center, pushes from this rank's negatives.
         if negatives is None:

@@ -3,7 +3,8 @@
 torch.optim.SGD adds weight decay into a fresh tensor (``grad.add(param, ...)``), which
 at a million rows is a gigabyte-sized temporary; this one folds it into the gradient
 buffer the head already owns. Semantics equal torch's SGD without dampening or nesterov
-(the first step's momentum buffer is the gradient).
+(the first step's momentum buffer is the gradient). A sparse gradient (the DSA center
+update) is added into the momentum buffer row by row: two passes over the block, not four.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class InPlaceSGD(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 d = p.grad
+                if d.is_sparse:
+                    self._sparse_step(p, d, lr, mu, wd)
+                    continue
                 if wd:
                     d.add_(p, alpha=wd)  # the gradient buffer is ours: no temporary
                 if mu:
@@ -36,3 +40,21 @@ class InPlaceSGD(torch.optim.Optimizer):
                         buf.mul_(mu).add_(d)
                     d = buf
                 p.add_(d, alpha=-lr)
+
+    def _sparse_step(self, p: torch.Tensor, d: torch.Tensor, lr: float, mu: float,
+                     wd: float) -> None:
+        """The same update for a gradient that is non-zero on a few rows only."""
+        if wd:
+            raise ValueError("InPlaceSGD: weight decay needs a dense gradient")
+        d = d.coalesce()
+        idx, vals = d.indices()[0], d.values()
+        if not mu:
+            p.index_add_(0, idx, vals, alpha=-lr)
+            return
+        buf = self.state[p].get("momentum_buffer")
+        if buf is None:  # torch's first step: buf = grad
+            buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        else:
+            buf.mul_(mu)
+        buf.index_add_(0, idx, vals)
+        p.add_(buf, alpha=-lr)

@@ -59,9 +59,27 @@ def _check_storage(path: str, endpoint_url: str) -> str:
     return str(p)
 
 
+def _absolute(path: str) -> str:
+    """A relative local path made absolute; URLs (s3://, file://) and "" unchanged."""
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Make local paths absolute: Ray workers run in another working directory."""
+    d, e, t = cfg.data, cfg.eval, cfg.train
+    d.identity_shards = [_absolute(p) for p in d.identity_shards]
+    d.sequence_shards = [_absolute(p) for p in d.sequence_shards]
+    e.pairs, e.root = _absolute(e.pairs), _absolute(e.root)
+    t.resume_from, t.storage_path = _absolute(t.resume_from), _absolute(t.storage_path)
+    return cfg
+
+
 def preflight(cfg: Config) -> Preflight:
     """Check everything a run needs before any worker starts."""
     cfg.validate()
+    resolve_paths(cfg)
     from seqface_dist.data.loader import make_layout, resolve_sets
 
     d = cfg.data
