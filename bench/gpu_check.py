@@ -1,0 +1,127 @@
+"""GPU checks with torch alone (the device machine has no Ray/DeepSpeed/WebDataset).
+
+    python bench/gpu_check.py                 # on a CUDA machine
+    python bench/gpu_check.py --device cpu    # dry run here (tiny sizes)
+
+1. Contract on the device: the head (R = 1, fp32 on the GPU) against the single-process
+   losses in float64 on the CPU, same inputs and negatives: loss, feature gradient and
+   the W rows / centers after one step.
+2. Head step time at N_id = N_seq = 100k and 1M (batch 256, D 512) against the dense
+   single-process step, and the fraction of the matmul floor (3 GEMMs at the measured
+   sgemm rate of those shapes).
+3. Backbone forward+backward images/s (sphere20 112x96, iresnet50 112x112), fp32 and bf16
+   autocast.
+Prints figures only; copy them into bench/RESULTS.md with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from seqface_dist.config import LossConfig, ModelConfig
+from seqface_dist.losses import dsa_loss, lsr_cross_entropy, margin_logits
+from seqface_dist.models import build_backbone
+from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def contract(device: torch.device) -> None:
+    n_id, n_seq, d, b = 1000, 700, 64, 48
+    cfg = LossConfig(scale=16.0, dsa_p=0.05)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(b, d, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, n_id + n_seq, (b,), generator=g)
+    neg = torch.randperm(n_id + n_seq, generator=g)[:80].sort().values
+    head = PartitionedHead(HeadSpec(n_id, n_seq, d), cfg, Comm(), device=device)
+    w0 = head.weight.detach().double().cpu().clone()
+    with torch.no_grad():
+        head.centers.normal_(0, 1)
+    c0 = head.centers.detach().double().cpu().clone()
+    f = feats.float().to(device).requires_grad_(True)
+    out = head(f, t.to(device), negatives=neg.to(device))
+    out.loss.backward()
+    ref_f = feats.clone().requires_grad_(True)
+    w, c = w0.clone().requires_grad_(True), c0.clone().requires_grad_(True)
+    chief = lsr_cross_entropy(margin_logits(ref_f, w, t, n_id, kind="sphereface",
+                                            scale=cfg.scale, m=cfg.m, lam=cfg.lambda_min,
+                                            arcface_margin=0.5, cosface_margin=0.35), t, n_id)
+    ref = cfg.chief_weight * chief + cfg.dsa_weight * dsa_loss(ref_f, t, c, n_id, neg)
+    ref.backward()
+    dl = abs(float(out.loss.detach()) - float(ref.detach()))
+    dg = float((f.grad.double().cpu() - ref_f.grad).abs().max() / ref_f.grad.abs().max())
+    dw = float((head.weight.grad.double().cpu() - w.grad).abs().max() / w.grad.abs().max())
+    print(f"contract on {device}: |loss - ref| {dl:.2e}, rel feature grad err {dg:.2e}, "
+          f"rel W grad err {dw:.2e}  ({'OK' if max(dl, dg, dw) < 1e-4 else 'MISMATCH'})")
+
+
+def _time(fn, device, steps: int) -> float:
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def head_speed(device: torch.device, sizes: list[int], steps: int) -> None:
+    b, d = 256, 512
+    for n in sizes:
+        head = PartitionedHead(HeadSpec(n, n, d), LossConfig(), Comm(), device=device)
+        opt = head.make_optimizer(lr=0.1)
+        feats = torch.randn(b, d, device=device)
+        t = torch.randint(0, 2 * n, (b,), device=device)
+
+        def step(head=head, opt=opt, feats=feats, t=t):
+            f = feats.clone().requires_grad_(True)
+            head(f, t).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        ms = _time(step, device, steps) * 1e3
+        a = torch.randn(b, d, device=device)
+        wt = torch.randn(n, d, device=device)
+        gemm = _time(lambda a=a, wt=wt: a @ wt.t(), device, steps) * 1e3
+        floor = 3 * gemm  # the three GEMMs have the same FLOPs
+        print(f"head N={n:>9,}: {ms:8.2f} ms/step, matmul floor {floor:7.2f} ms "
+              f"({floor / ms:5.1%} of floor)")
+        del head, opt, wt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def backbones(device: torch.device, steps: int, batch: int) -> None:
+    for name, size in (("sphere20", [112, 96]), ("iresnet50", [112, 112])):
+        net = build_backbone(ModelConfig(backbone=name, input_size=size)).to(device)
+        x = torch.randn(batch, 3, *size, device=device)
+        for dtype in (None, torch.bfloat16):
+            def step(net=net, x=x, dtype=dtype):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    net(x).float().square().mean().backward()
+
+            s = _time(step, device, steps)
+            print(f"{name} {size} {'bf16' if dtype else 'fp32'}: {batch / s:8.1f} images/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    contract(device)
+    small = device.type == "cpu"
+    head_speed(device, [20_000] if small else [100_000, 1_000_000], 2 if small else args.steps)
+    backbones(device, 1 if small else args.steps, 4 if small else 128)
+
+
+if __name__ == "__main__":
+    main()
