@@ -1,0 +1,176 @@
+"""Training throughput with the Prometheus metrics on vs off: what the metrics really cost.
+
+    .venv/bin/python bench/bench_metrics_train.py [--steps 300] [--repeats 2]
+
+Runs the same 2-worker local Ray training (tiny backbone on MNIST shards, DeepSpeed on
+CPU, 16 identities + 16 sequences per rank and step) ``--repeats`` times with
+``metrics.enabled: false`` and as often with ``metrics.enabled: true`` plus a discovery
+file, alternating off/on so that drifting load on the machine hits both alike. While a
+metrics run trains, a thread scrapes every worker endpoint listed in the discovery file
+every ``--scrape-interval`` seconds (default 1 s: 5x the cluster config's rate), as
+Prometheus would.
+
+Throughput is rank 0's ``samples_per_second`` from ``history.jsonl`` (global samples per
+wall second over each ``log_every`` window), combined as total samples / total time
+(harmonic mean) over the windows after the first ``--warmup-windows``. Prints each run,
+the mean per setting and the ratio on/off. Figures, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from seqface_dist.config import config_from_dict  # noqa: E402
+from seqface_dist.metrics import sd_path  # noqa: E402
+from seqface_dist.train.driver import run  # noqa: E402
+from seqface_dist.train.worker import history_path  # noqa: E402
+
+LOG_EVERY = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_shards(out: Path) -> None:
+    from seqface_dist.data.build import write_shard_set
+    from seqface_dist.data.mnist import load_mnist
+
+    x, y = load_mnist()["train"]
+    ids = [(int(d), x[i]) for d in range(5) for i in np.nonzero(y == d)[0][:150]]
+    seqs = [(k * 4 + j // 25, x[i]) for k, d in enumerate((5, 6, 7))
+            for j, i in enumerate(np.nonzero(y == d)[0][:100])]
+    np.random.default_rng(0).shuffle(ids)
+    write_shard_set(ids, str(out / "ids"), "identity", max_samples=150)
+    write_shard_set(seqs, str(out / "seqs"), "sequence", max_samples=100)
+
+
+def make_cfg(shards: Path, storage: Path, name: str, steps: int, metrics: bool, sd_dir: Path):
+    return config_from_dict({
+        "model": {"backbone": "tiny", "embedding_dim": 32, "input_size": [28, 28],
+                  "in_channels": 1},
+        "loss": {"scale": 16.0, "dsa_p": 0.3},
+        "data": {"identity_shards": [str(shards / "ids")],
+                 "sequence_shards": [str(shards / "seqs")],
+                 "identities_per_batch": 16, "sequences_per_batch": 16, "num_workers": 1,
+                 "shuffle_buffer": 100},
+        "optim": {"lr": 0.05, "max_steps": steps, "milestones": [1_000_000]},
+        "train": {"run_name": name, "storage_path": str(storage), "num_workers": 2,
+                  "log_every": LOG_EVERY, "checkpoint_every": 1_000_000, "max_failures": 0},
+        "metrics": {"enabled": metrics,
+                    "service_discovery_dir": str(sd_dir) if metrics else ""},
+    })
+
+
+def scrape_loop(sd_file: Path, interval: float, stop: threading.Event, count: list) -> None:
+    """GET /metrics of every target in the discovery file, as Prometheus would."""
+    while not stop.wait(interval):
+        try:
+            groups = json.loads(sd_file.read_text())
+        except (OSError, ValueError):
+            continue  # not written yet, or already removed
+        for g in groups:
+            for t in g["targets"]:
+                try:
+                    urllib.request.urlopen(f"http://{t}/metrics", timeout=5).read()
+                    count[0] += 1
+                except OSError:
+                    pass  # endpoint going away at the end of the run
+
+
+def throughput(cfg, warmup: int) -> float:
+    rows = [json.loads(x) for x in history_path(cfg).read_text().splitlines()]
+    rates = [r["samples_per_second"] for r in rows[warmup:]]
+    if not rates:
+        raise SystemExit(f"run {cfg.train.run_name}: only {len(rows)} logged windows; "
+                         "raise --steps or lower --warmup-windows")
+    return len(rates) / sum(1.0 / r for r in rates)  # total samples / total time
+
+
+def start_own_ray() -> None:
+    """A fresh local cluster whose processes all know it as *the* cluster.
+
+    On a machine where other Ray clusters run, Ray Train's placement-group cleaner would
+    otherwise ask the latest one whether our controller is alive, hear "no", and remove
+    our placement group mid-run (see tests/test_observability.py).
+    """
+    import ray
+
+    port = free_port()
+    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), object_store_memory=256 << 20,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per setting")
+    ap.add_argument("--scrape-interval", type=float, default=1.0)
+    ap.add_argument("--warmup-windows", type=int, default=3,
+                    help=f"first windows of {LOG_EVERY} steps left out")
+    args = ap.parse_args()
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="bench-metrics-train-") as tmp:
+        tmp = Path(tmp)
+        build_shards(tmp / "shards")
+        sd_dir = tmp / "sd"
+        start_own_ray()
+        print("load average at start: " + _load(), flush=True)
+        results: dict[bool, list[float]] = {False: [], True: []}
+        try:
+            for i in range(args.repeats):
+                for metrics in (False, True):
+                    name = f"{'on' if metrics else 'off'}{i}"
+                    cfg = make_cfg(tmp / "shards", tmp / "runs", name, args.steps, metrics,
+                                   sd_dir)
+                    stop, scrapes = threading.Event(), [0]
+                    scraper = threading.Thread(target=scrape_loop, daemon=True, args=(
+                        sd_path(sd_dir, name), args.scrape_interval, stop, scrapes))
+                    if metrics:
+                        scraper.start()
+                    t0 = time.perf_counter()
+                    try:
+                        run(cfg)
+                    finally:
+                        stop.set()
+                    rate = throughput(cfg, args.warmup_windows)
+                    results[metrics].append(rate)
+                    wall = time.perf_counter() - t0
+                    print(f"run {name}: {rate:8.1f} samples/s (wall {wall:.0f} s"
+                          + (f", {scrapes[0]} scrapes)" if metrics else ")"), flush=True)
+        finally:
+            ray.shutdown()
+    print("load average at end: " + _load())
+    off, on = statistics.mean(results[False]), statistics.mean(results[True])
+    print(f"metrics off: {off:8.1f} samples/s  (runs: "
+          + ", ".join(f"{r:.1f}" for r in results[False]) + ")")
+    print(f"metrics on:  {on:8.1f} samples/s  (runs: "
+          + ", ".join(f"{r:.1f}" for r in results[True]) + ")")
+    print(f"ratio on/off: {on / off:.3f}")
+
+
+if __name__ == "__main__":
+    main()
