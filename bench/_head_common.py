@@ -112,7 +112,10 @@ def ideal_parts(setup: Setup, rank: int, elem: int = 4) -> dict[str, int]:
     d = setup.dim
     return {
         "W block + grad + momentum": 3 * n_id * d * elem,
-        "center block + update + momentum": 3 * n_c * d * elem,
+        # The center update is a sparse gradient over the batch's rows (<= B of them, values
+        # plus int64 row indices) added into the momentum: no dense n_c x D update buffer.
+        "center block + momentum": 2 * n_c * d * elem,
+        "sparse center update (B x D)": setup.batch * (d * elem + 8),
         "B x n_local logits buffer": setup.batch * n_id * elem,
         "features (global batch)": setup.batch * d * elem,
     }
@@ -196,6 +199,14 @@ _NO_PASS = {  # views, allocations without a fill, and gathers/scatters of a few
     "aten::index_put_", "aten::alias", "aten::narrow", "aten::lift_fresh", "aten::reshape",
     "aten::transpose", "aten::resolve_conj", "aten::resolve_neg", "aten::index_add_",
 }
+# Ops on the sparse center update: the profiler records its n_c x D logical shape, but
+# they touch only its <= B stored rows (indices and values), never the block.
+_SPARSE_META = {
+    "aten::_indices", "aten::_values", "aten::indices", "aten::values", "aten::coalesce",
+    "aten::_coalesce", "aten::_coalesced_", "aten::is_coalesced", "aten::sparse_coo_tensor",
+    "aten::_sparse_coo_tensor_unsafe", "aten::_sparse_coo_tensor_with_dims_and_tensors",
+    "aten::_validate_sparse_coo_tensor_args",
+}
 _GEMMS = {"aten::matmul", "aten::mm", "aten::addmm"}
 
 
@@ -231,9 +242,12 @@ def count_passes(steps_before: int = 1) -> dict:
     # (bmm's n x 1 x D) and to ops whose TensorList inputs the profiler does not record.
     sizes = {s.batch * s.num_identities: "logits", s.num_identities * s.dim: "W",
              (s.num_identities + s.num_sequences) * s.dim: "C"}
-    result = {"logits": [], "W": [], "C": [], "gemms": []}
+    result = {"logits": [], "W": [], "C": [], "gemms": [], "sparse": []}
     for e in prof.events():
         if not e.name.startswith("aten::") or e.name in _NO_PASS:
+            continue
+        if e.name in _SPARSE_META:
+            result["sparse"].append(e.name)
             continue
         parent = e.cpu_parent
         nested = False

@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_head.py memory   # N_id = N_seq = 1M, D 512, R = 2 gloo ranks
     .venv/bin/python bench/bench_head.py comm     # bytes/rank/step at N_id = 10k and 1M, R = 2
     .venv/bin/python bench/bench_head.py speed    # head R = 1, 2 vs dense, 100k and 1M; floor
+    .venv/bin/python bench/bench_head.py speed --speed-n 1000000 --steps 1 --head-only
     .venv/bin/python bench/bench_head.py passes   # ops streaming the B x n / n x D buffers
     .venv/bin/python bench/bench_head.py scale    # one rank of 10M + 10M over R = 8, alone
     .venv/bin/python bench/bench_head.py --quick  # all of the above at tiny sizes (seconds)
@@ -140,14 +141,15 @@ def _dense_need(s: Setup, sparse: bool) -> float:
     return (3 * n_id + (1 if sparse else 3) * n_c) * s.dim * 4 + 7 * s.batch * n_id * 4 + 0.3 * GB
 
 
-def bench_speed(sz: dict, force: bool, dense_center_grad_max: int) -> None:
+def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bool = False,
+                worlds: tuple[int, ...] = (1, 2)) -> None:
     print(f"\n== speed: fwd + bwd + optimizer step, global batch {sz['batch']}, D = {sz['dim']},"
           f" fp32, one thread per rank; median over {sz['steps']} steps after 1 warm-up")
     for n in sz["speed_n"]:
         print(f"  -- N_id = N_seq = {n:,}")
         base = Setup(n, n, sz["dim"], sz["batch"], world=1, steps=sz["steps"])
         dense_ms = None
-        variants = [True] + ([False] if n <= dense_center_grad_max else [])
+        variants = [] if head_only else [True] + ([False] if n <= dense_center_grad_max else [])
         dense_loss0 = None
         for sparse in variants:
             name = "dense, sparse center grad" if sparse else "dense, dense center grad"
@@ -159,7 +161,7 @@ def bench_speed(sz: dict, force: bool, dense_center_grad_max: int) -> None:
                 dense_ms, dense_loss0 = ms, res["losses"][0]
             print(f"    {name:28s} {_wall_cpu(res)}   peak RSS - baseline "
                   f"{_gb(res['peak_rss'] - res['baseline_rss'])}   loss[0] {res['losses'][0]:.6f}")
-        for world in (1, 2):
+        for world in worlds:
             s = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=sz["steps"],
                       gemm_reps=2 if n >= 1_000_000 else 3)
             if not _fits(f"head R = {world}", _head_need(s), force):
@@ -203,6 +205,9 @@ def bench_passes() -> None:
                       ("C", "n_c x D center block")):
         names = [x.removeprefix("aten::") for x in res[key]]
         print(f"  other ops on the {what} ({len(names)}): {' '.join(names)}")
+    names = sorted({x.removeprefix("aten::") for x in res["sparse"]})
+    print(f"  not passes: {len(res['sparse'])} ops on the sparse center update's <= B rows "
+          f"({' '.join(names)})")
 
 
 # -- 4. scale plan ----------------------------------------------------------------------------
@@ -216,9 +221,7 @@ def bench_scale(sz: dict, force: bool, extrapolate: bool = False) -> None:
     for k, v in ideal.items():
         print(f"      ideal  {k:34s} {_gb(v)}")
     total = sum(ideal.values())
-    sparse = total - ideal["center block + update + momentum"] / 3
-    print(f"      ideal  {'total':34s} {_gb(total)} (goal <= 20 GB); with a sparse center "
-          f"update (no dense update buffer) it would be {_gb(sparse)}")
+    print(f"      ideal  {'total':34s} {_gb(total)} (goal <= 20 GB)")
     if _fits("the R = 8 block", _head_need(s), force):
         (res,) = _run_head(s)
         _print_memory(res, s)
@@ -257,6 +260,10 @@ def main() -> None:
                     help="N_id = N_seq values for comm (default 10000 1000000)")
     ap.add_argument("--speed-n", type=int, nargs="+", default=None,
                     help="N_id = N_seq values for speed (default 100000 1000000)")
+    ap.add_argument("--head-only", action="store_true",
+                    help="speed: skip the dense reference (it needs ~17 GB at 1M)")
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2],
+                    help="speed: the R values of the head to time (default 1 2)")
     ap.add_argument("--dense-center-grad-max", type=int, default=100_000,
                     help="also time the dense reference with a dense center grad up to this N")
     args = ap.parse_args()
@@ -278,7 +285,8 @@ def main() -> None:
         elif w == "comm":
             bench_comm(sz, args.force)
         elif w == "speed":
-            bench_speed(sz, args.force, args.dense_center_grad_max if not args.quick else 10**9)
+            bench_speed(sz, args.force, args.dense_center_grad_max if not args.quick else 10**9,
+                        args.head_only, tuple(args.worlds))
         elif w == "passes":
             bench_passes()
         elif w == "scale":

@@ -3,7 +3,9 @@
 It starts real gloo ranks, steps the head and the dense reference, and profiles a step;
 the checks are on properties, never on timings: every section prints, the bytes a rank
 sends per step do not depend on N_id, the R = 1 head and the dense reference see the same
-data (equal first loss), and the pass counter found the step's three GEMMs.
+data (equal first loss), the pass counter found the step's three GEMMs, and the center
+block is streamed only by the optimizer's momentum decay and parameter update (the center
+update is sparse: no zero-fill, no full-block scaling, no dense update buffer).
 """
 
 from __future__ import annotations
@@ -28,4 +30,6 @@ def test_bench_head_quick_runs_end_to_end():
     gaps = [float(x) for x in re.findall(r"\|loss\[0\] head - dense\| = (\S+)", out)]
     assert len(gaps) == 2 and all(g < 1e-4 for g in gaps), out
     assert "GEMMs on the big operands (3)" in out, out
+    assert "other ops on the n_c x D center block (2): mul_ add_" in out, out
+    assert "ops on the sparse center update" in out, out
     assert "projected R = 8 peak" in out, out
