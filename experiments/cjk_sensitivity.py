@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(ap)
-    ap.set_defaults(steps=500)
+    ap.set_defaults(steps=400)
     ap.add_argument("--ps", default="0.002,0.05", help="DSA p values besides --dsa-p")
     ap.add_argument("--lams", default="0.25,0.75", help="DSA lambda values besides --dsa-lam")
     ap.add_argument("--weights", default="0.01,0.16",

@@ -121,7 +121,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--track-len", type=int, default=5, help="fonts per B track (about)")
     ap.add_argument("--pairs-per-fold", type=int, default=300)
     ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     ap.add_argument("--lr", type=float, default=3e-3)
