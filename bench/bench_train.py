@@ -1,0 +1,300 @@
+"""Training throughput: the whole stack against a bare PyTorch loop, and 2 workers vs 2 threads.
+
+    .venv/bin/python bench/bench_train.py            # the figures in bench/RESULTS.md
+    .venv/bin/python bench/bench_train.py --quick    # every path at toy sizes (~1 min)
+
+(a) images/s of the whole stack (``seqface_dist.train.driver.run``: Ray Train, one worker,
+    DeepSpeed-wrapped backbone, ``PartitionedHead``, ``make_train_loader`` over local
+    shards, Prometheus metrics on) against a bare loop in a fresh process: the same
+    backbone (``build_backbone``, same seed), the same loss (``PartitionedHead`` with a
+    one-rank ``Comm()``, i.e. the same math as the stack's head), plain ``torch.optim.SGD``,
+    the same thread count, fed by the *same* ``make_train_loader`` over the same shards
+    (the fair comparison); a second bare run cycles pre-decoded batches held in memory
+    (no data path at all) to show what the loader costs. Target: stack >= 0.9x bare.
+    Same init, data and optimizer, so the two runs' losses at the first logged steps must
+    agree to float noise: printed, as evidence that both do the same work.
+(b) 2 workers x 1 torch thread against 1 worker x 2 threads, the same global batch
+    (2 x (B/2) vs 1 x B), each worker with its own shard loader.
+
+Default size: ``tiny`` at 112x96 RGB (SphereFace's crop, so the JPEG decode and batch
+assembly are those of real training), 32 identity + 32 sequence samples a step, 512-d
+features. On this CPU a step is ~0.3 s of backbone compute per thread, far above the
+stack's per-step bookkeeping, so the ratio measures overhead, not noise; sphere20 at
+112x96 runs ~2 images/s per core here (a 64-sample step takes ~30 s), too slow to time.
+
+Rates exclude warm-up: Ray start, worker start, DeepSpeed init and the first ``--warmup``
+steps. The stack's rate comes from rank 0's ``history.jsonl`` (``samples_per_second`` of
+each log window after the warm-up, combined as total samples / total time); the bare
+loop's from its own clock over the same steps. Figures, not asserts. The load average
+(/proc/loadavg) is printed around every run: on a shared machine compare only ratios
+measured in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from seqface_dist.config import config_from_dict  # noqa: E402
+
+# log_every 10 is the config default: a ray.train.report every 10 steps (see RESULTS.md on
+# what shorter intervals cost).
+FULL = {"backbone": "tiny", "size": [112, 96], "batch": 32, "samples": 1024, "steps": 60,
+        "warmup": 10, "log_every": 10, "repeats": 2, "a_threads": 1}
+QUICK = {"backbone": "tiny", "size": [32, 32], "batch": 8, "samples": 128, "steps": 6,
+         "warmup": 2, "log_every": 2, "repeats": 1, "a_threads": 2}
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def face_like(seed: int, size: tuple[int, int]) -> np.ndarray:
+    """Smooth shapes plus mild noise: JPEGs of the size of aligned face crops (~4-6 kB)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[0], 0:size[1]] / size[0]
+    base = np.stack([np.sin(6 * x * rng.uniform(0.5, 2) + rng.uniform(0, 6)) * 60 + 128,
+                     np.cos(5 * y * rng.uniform(0.5, 2)) * 50 + 120,
+                     (x + y) * 60 + rng.uniform(40, 90)], -1)
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+def build_shards(root: Path, n: int, size: tuple[int, int]) -> tuple[str, str]:
+    """``n`` identity samples over n/4 identities and ``n`` sequence samples over n/8
+    sequences (labels only size the head; nothing here is meant to be learned)."""
+    from seqface_dist.data.build import write_shard_set
+
+    ids = ((i % max(n // 4, 1), face_like(i, size)) for i in range(n))
+    seqs = ((i // 8, face_like(10**6 + i, size)) for i in range(n))
+    per_shard = max(n // 4, 1)
+    write_shard_set(ids, str(root / "ids"), "identity", max_samples=per_shard)
+    write_shard_set(seqs, str(root / "seqs"), "sequence", max_samples=per_shard)
+    return str(root / "ids"), str(root / "seqs")
+
+
+def make_cfg(sz: dict, shards: tuple[str, str], storage: Path, name: str, *, workers: int,
+             threads: int) -> dict:
+    """One run's config. ``sz['batch']`` is the *global* batch per kind, split over workers."""
+    per = sz["batch"] // workers
+    return {
+        "model": {"backbone": sz["backbone"], "embedding_dim": 512, "input_size": sz["size"],
+                  "in_channels": 3},
+        "loss": {"dsa_p": 0.05},
+        "data": {"identity_shards": [shards[0]], "sequence_shards": [shards[1]],
+                 "identities_per_batch": per, "sequences_per_batch": per, "num_workers": 1,
+                 "shuffle_buffer": 100,
+                 # One epoch covers the run: no DataLoader restart inside the timed steps.
+                 "samples_per_epoch": (sz["steps"] + 2) * 2 * per},
+        "optim": {"lr": 0.01, "max_steps": sz["steps"], "milestones": [10**6]},
+        "train": {"run_name": name, "storage_path": str(storage), "num_workers": workers,
+                  "cpus_per_worker": threads, "log_every": sz["log_every"],
+                  "checkpoint_every": sz["steps"], "max_failures": 0},
+    }
+
+
+# --------------------------------------------------------------------------- the bare loop
+
+
+def bare_loop(cfg_dict: dict, warmup: int, predecoded: bool) -> dict:
+    """The same training step without Ray or DeepSpeed, in this (fresh) process."""
+    import torch
+
+    from seqface_dist.data.loader import make_train_loader
+    from seqface_dist.models import build_backbone
+    from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
+    from seqface_dist.train.schedule import lr_multiplier, set_lr
+
+    cfg = config_from_dict(cfg_dict)
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    o = cfg.optim
+    loader = make_train_loader(cfg.data, rank=0, world_size=1,
+                               image_size=tuple(cfg.model.input_size),
+                               channels=cfg.model.in_channels, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # as the worker: the same backbone init
+    net = build_backbone(cfg.model).train()
+    opt = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum,
+                          weight_decay=o.weight_decay)
+    lay = loader.layout
+    head = PartitionedHead(HeadSpec(lay.num_identities, max(lay.num_sequences, 0),
+                                    cfg.model.embedding_dim, seed=cfg.train.seed),
+                           cfg.loss, Comm())
+    head_opt = head.make_optimizer(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    optimizers = [opt, head_opt]
+    base_lrs = [[g["lr"] for g in x.param_groups] for x in optimizers]
+
+    loader.set_epoch(0)
+    batches = iter(loader)
+    if predecoded:  # decode a few batches up front, then cycle them: no data path timed
+        held = [next(batches) for _ in range(min(8, o.max_steps))]
+        batches = (held[i % len(held)] for i in range(o.max_steps))
+    stamps, losses = [], {}
+    for step in range(o.max_steps):
+        images, centers = next(batches)
+        set_lr(optimizers, base_lrs, lr_multiplier(step, o))
+        out = head(net(images), centers, step=step)
+        out.loss.backward()
+        opt.step()
+        head_opt.step()
+        opt.zero_grad(set_to_none=True)
+        head_opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.train.log_every == 0:
+            losses[step + 1] = float(out.loss.detach())
+        stamps.append(time.perf_counter())
+    n = (len(stamps) - warmup) * loader.batch_size
+    return {"rate": n / (stamps[-1] - stamps[warmup - 1]), "losses": losses}
+
+
+def run_bare(cfg_dict: dict, warmup: int, predecoded: bool) -> dict:
+    # A fresh spawned process: no Ray threads forked into the DataLoader workers, and a
+    # clean allocator, like the stack's worker.
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(bare_loop, cfg_dict, warmup, predecoded).result()
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+def run_stack(cfg_dict: dict, warmup: int) -> dict:
+    from seqface_dist.train.driver import run
+    from seqface_dist.train.worker import history_path
+
+    cfg = config_from_dict(cfg_dict)
+    run(cfg)
+    rows = [json.loads(line) for line in history_path(cfg).read_text().splitlines()]
+    global_batch = cfg.train.num_workers * (cfg.data.identities_per_batch +
+                                            cfg.data.sequences_per_batch)
+    samples = seconds = 0.0
+    prev = 0
+    for r in rows:
+        window = (r["step"] - prev) * global_batch
+        if prev >= warmup:
+            samples += window
+            seconds += window / r["samples_per_second"]
+        prev = r["step"]
+    if not samples:
+        raise RuntimeError(f"no log window after step {warmup}: raise --steps")
+    return {"rate": samples / seconds, "losses": {r["step"]: r["total"] for r in rows}}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def timed(label: str, fn, *args) -> dict:
+    before, t = load(), time.perf_counter()
+    res = fn(*args)
+    res.update(load_before=before, load_after=load(), wall=time.perf_counter() - t)
+    print(f"  {label:44s} {res['rate']:8.1f} images/s   (load {before} -> "
+          f"{res['load_after']}; run {res['wall']:.0f} s)", flush=True)
+    return res
+
+
+def ratio_line(label: str, num: list[dict], den: list[dict], note: str = "") -> None:
+    r = [a["rate"] / b["rate"] for a, b in zip(num, den, strict=True)]
+    print(f"  {label:46s} = {' '.join(f'{x:.3f}' for x in r)}"
+          + (f"  (median {float(np.median(r)):.3f})" if len(r) > 1 else "") + note)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="toy sizes: every path in ~1 min")
+    ap.add_argument("--backbone", help="default tiny (see the module doc)")
+    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="default 112 96")
+    ap.add_argument("--batch", type=int, help="global identities (= sequences) per step")
+    ap.add_argument("--steps", type=int, help="steps per run, warm-up included")
+    ap.add_argument("--warmup", type=int, help="steps left out of every rate")
+    ap.add_argument("--log-every", type=int, help="train.log_every (a ray.train.report each)")
+    ap.add_argument("--repeats", type=int, help="interleaved rounds of every run (default 2, "
+                    "quick 1): on a shared machine the load drifts between runs")
+    ap.add_argument("--a-threads", type=int, choices=(1, 2), help="torch threads of (a)'s "
+                    "bare loop and stack run (default 1; quick 2, where (a)'s stack run is "
+                    "also (b)'s 1 worker x 2 threads run: one Ray Train start fewer)")
+    ap.add_argument("--keep", help="write shards and runs here (default: a temp folder)")
+    args = ap.parse_args()
+    sz = dict(QUICK if args.quick else FULL)
+    for key in ("backbone", "size", "batch", "steps", "warmup", "log_every", "repeats",
+                "a_threads"):
+        if getattr(args, key) is not None:
+            sz[key] = list(getattr(args, key)) if key == "size" else getattr(args, key)
+    if sz["warmup"] % sz["log_every"] or sz["steps"] <= sz["warmup"] or sz["batch"] % 2:
+        ap.error("need --steps > --warmup, --warmup a multiple of the log interval "
+                 f"({sz['log_every']}) and an even --batch")
+
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        root = Path(args.keep or tmp).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        shards = build_shards(root / "shards", sz["samples"], tuple(sz["size"]))
+        b = sz["batch"]
+        print(f"== setup\n  {sz['backbone']} at {sz['size'][0]}x{sz['size'][1]} RGB, 512-d, "
+              f"global batch {b} identities + {b} sequences, {sz['steps']} steps a run, "
+              f"first {sz['warmup']} left out, log every {sz['log_every']}, "
+              f"{sz['repeats']} round(s); shards ({2 * sz['samples']} JPEGs) built in "
+              f"{time.perf_counter() - t:.1f} s; {os.cpu_count()} CPUs, load {load()}",
+              flush=True)
+
+        def cfg(name: str, workers: int, threads: int, k: int) -> dict:
+            return make_cfg(sz, shards, root / "runs", f"{name}-{os.getpid()}-{k}",
+                            workers=workers, threads=threads)
+
+        w = sz["warmup"]
+        res: dict[str, list[dict]] = {k: [] for k in ("bare", "stack", "pre", "w1t2", "w2t1")}
+        try:
+            for k in range(sz["repeats"]):
+                at = sz["a_threads"]
+                one = cfg(f"stack-1w{at}t", 1, at, k)
+                print(f"== round {k + 1}: (a) whole stack vs bare loop (1 worker, {at} "
+                      "thread(s), 1 DataLoader worker)", flush=True)
+                res["bare"].append(timed("bare loop, same shard loader", run_bare, one, w,
+                                         False))
+                if not ray.is_initialized():
+                    # One local Ray for every stack run (dashboard off), never timed. Round
+                    # 1's first bare run precedes it; later bare runs share the machine
+                    # with an idle Ray.
+                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                             object_store_memory=256 << 20, log_to_driver=False)
+                res["stack"].append(timed("stack: Ray + DeepSpeed + head + loader", run_stack,
+                                          one, w))
+                res["pre"].append(timed("bare loop, pre-decoded batches", run_bare, one, w,
+                                        True))
+                print(f"== round {k + 1}: (b) 2 workers x 1 thread vs 1 worker x 2 threads "
+                      "(same global batch)", flush=True)
+                if at == 2:
+                    res["w1t2"].append(res["stack"][-1])
+                    print("  stack, 1 worker x 2 threads: the (a) run above")
+                else:
+                    res["w1t2"].append(timed("stack, 1 worker x 2 threads", run_stack,
+                                             cfg("stack-1w2t", 1, 2, k), w))
+                res["w2t1"].append(timed("stack, 2 workers x 1 thread", run_stack,
+                                         cfg("stack-2w1t", 2, 1, k), w))
+        finally:
+            ray.shutdown()
+        print("== ratios (one figure per round)")
+        ratio_line("stack / bare, same loader", res["stack"], res["bare"], "  (target >= 0.9)")
+        ratio_line("stack / bare, pre-decoded", res["stack"], res["pre"])
+        ratio_line("bare same loader / bare pre-decoded", res["bare"], res["pre"])
+        ratio_line("2 workers x 1 thread / 1 worker x 2 threads", res["w2t1"], res["w1t2"])
+        bare, stack = res["bare"][0], res["stack"][0]
+        common = sorted(set(bare["losses"]) & set(stack["losses"]))[:2]
+        gap = max(abs(bare["losses"][s] - stack["losses"][s]) for s in common)
+        print(f"  same work: |loss stack - bare| at steps {common} = {gap:.2e}")
+        print(f"== load average at the end: {load()}")
+
+
+if __name__ == "__main__":
+    main()
