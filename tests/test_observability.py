@@ -32,14 +32,16 @@ import ray
 import yaml
 
 from seqface_dist.config import config_from_dict
-from seqface_dist.metrics import LOSS_TERMS, sd_path
+from seqface_dist.metrics import CUDA_ONLY_METRIC_NAMES, LOSS_TERMS, sd_path
+from seqface_dist.metrics.promql import dashboard_queries, metric_names_in_promql
 from seqface_dist.train.driver import run
 from seqface_dist.train.worker import history_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")
 RUN = "obs"
-STEPS = 240
+STEPS = 180
+EVAL_EVERY = 60
 READY_S = 60.0  # Prometheus up and answering
 
 pytestmark = [
@@ -55,8 +57,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def query(base: str, q: str) -> list[dict]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+def query(base: str, q: str, at: float | None = None) -> list[dict]:
+    """An instant query (at a unix time, default now); returns the result list."""
+    params = {"query": q} | ({"time": f"{at:.3f}"} if at is not None else {})
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode(params)
     with urllib.request.urlopen(url, timeout=5) as r:
         body = json.load(r)
     assert body["status"] == "success", body
@@ -105,6 +109,28 @@ def shards(tmp_path_factory) -> Path:
     for t in tars:  # every identity shard a worker opens holds one bad sample
         corrupt_first_jpeg(t)
     return out
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """A small verification set of MNIST test digits (same digit = genuine pair)."""
+    from seqface_dist.data.images import encode_jpeg
+    from seqface_dist.data.mnist import load_mnist
+    from seqface_dist.eval.pairs import write_bin
+
+    x, y = load_mnist()["test"]
+    rng = np.random.default_rng(1)
+    by_digit = [np.nonzero(y == d)[0] for d in range(10)]
+    images, issame = [], []
+    for k in range(200):
+        a = int(rng.integers(10))
+        b = a if k % 2 == 0 else int((a + rng.integers(1, 10)) % 10)
+        images += [encode_jpeg(x[rng.choice(by_digit[a])]),
+                   encode_jpeg(x[rng.choice(by_digit[b])])]
+        issame.append(k % 2 == 0)
+    path = tmp_path_factory.mktemp("pairs") / "mnist-pairs.bin"
+    write_bin(path, images, issame)
+    return path
 
 
 def start_prometheus(tmp: Path, sd_dir: Path) -> tuple[subprocess.Popen, str, Path]:
@@ -161,6 +187,7 @@ class Seen:
     """What the poller saw while the run trained."""
 
     up: dict[str, float] = field(default_factory=dict)  # rank -> up, first time both seen
+    last_up: float | None = None  # latest unix time both targets were up
     steps: dict[str, set] = field(default_factory=dict)  # rank -> global steps seen
     sd_groups: list = field(default_factory=list)  # discovery file contents
     errors: list = field(default_factory=list)
@@ -175,8 +202,9 @@ def poll(base: str, sd_file: Path, seen: Seen, stop: threading.Event) -> None:
                     seen.sd_groups = groups
             up = {r["metric"]["rank"]: float(r["value"][1])
                   for r in query(base, f'up{{job="seqface",run="{RUN}"}}')}
-            if not seen.up and len(up) == 2 and all(v == 1.0 for v in up.values()):
-                seen.up = up
+            if len(up) == 2 and all(v == 1.0 for v in up.values()):
+                seen.up = seen.up or up
+                seen.last_up = time.time()
             for r in query(base, f'seqface_global_step{{run="{RUN}"}}'):
                 seen.steps.setdefault(r["metric"]["rank"], set()).add(float(r["value"][1]))
         except Exception as e:  # noqa: BLE001 - recorded; the test reports it if it matters
@@ -193,7 +221,7 @@ class Observed:
 
 
 @pytest.fixture(scope="module")
-def observed(shards, tmp_path_factory):
+def observed(shards, pairs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("obs")
     sd_dir = tmp / "sd"
     sd_dir.mkdir()
@@ -209,6 +237,8 @@ def observed(shards, tmp_path_factory):
         "train": {"run_name": RUN, "storage_path": str(tmp / "runs"), "num_workers": 2,
                   "log_every": 10, "checkpoint_every": 10_000, "max_failures": 0},
         "metrics": {"enabled": True, "service_discovery_dir": str(sd_dir)},
+        # Rank 0 evaluates during the run, so the dashboard's evaluation panels get data.
+        "eval": {"pairs": str(pairs), "every_steps": EVAL_EVERY, "flip_test": False},
     })
     proc, base, log = start_prometheus(tmp, sd_dir)
     seen, stop = Seen(), threading.Event()
@@ -258,9 +288,13 @@ def test_prometheus_scrapes_both_workers_of_a_real_run(observed):
             values = loss.get((rank, term))
             assert values, f"no {term} loss scraped for rank {rank}: {sorted(loss)}"
             assert len(set(values)) >= 2, f"{term} loss of rank {rank} never moved: {values}"
+    print("scraped total loss, first -> last:", {k[0]: (round(v[0], 3), round(v[-1], 3), len(v))
+          for k, v in loss.items() if k[1] == "total"})
     # Throughput of both ranks: positive, and it changed from scrape to scrape.
     tput = series(base, f'seqface_throughput_samples_per_second{{run="{RUN}"}}')
     assert set(tput) == {("0", ""), ("1", "")}, tput
+    print("scraped samples/s, min..max:", {k[0]: (round(min(v)), round(max(v))) for k, v in
+                                           tput.items()})
     for key, values in tput.items():
         assert max(values) > 0 and len(set(values)) >= 2, (key, values)
     # The steps counters rose from scrape to scrape, never past the run's length.
@@ -280,7 +314,33 @@ def test_corrupt_shards_raise_the_bad_sample_counter_and_the_run_survives(observ
     # Only the damage put in, on both ranks; it rose as more corrupt shards were opened.
     assert set(bad) == {("0", "bad_jpeg"), ("1", "bad_jpeg")}, bad
     opened = series(base, f'seqface_shards_opened_total{{run="{RUN}"}}')
+    print("bad_jpeg first -> last:", {k[0]: (v[0], v[-1]) for k, v in bad.items()},
+          "shards opened:", {k[0]: v[-1] for k, v in opened.items()})
     for (rank, _), values in bad.items():
         assert 0 < values[0] < values[-1], (rank, values)
         # One corrupt JPEG per identity shard: never more bad samples than shards opened.
         assert values[-1] <= opened[(rank, "")][-1], (rank, values, opened)
+
+
+def test_every_dashboard_panel_shows_data_from_the_real_run(observed):
+    """The Grafana dashboard's queries, as Grafana sends them ($run = this run, all ranks),
+    at the last moment both workers were up: each returns data, except GPU memory here."""
+    seen, base = observed.seen, observed.base
+    assert seen.last_up is not None, seen
+    dash = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
+    queries = list(dashboard_queries(dash))
+    empty, checked = [], 0
+    for title, expr in queries:
+        if metric_names_in_promql(expr) <= CUDA_ONLY_METRIC_NAMES:
+            continue  # no CUDA on this machine
+        q = expr.replace("$run", RUN).replace("$rank", ".*")
+        assert "$" not in q, f"panel {title!r}: unknown dashboard variable in {expr}"
+        checked += 1
+        if not query(base, q, at=seen.last_up):
+            empty.append((title, q))
+    assert checked >= 15 and not empty, f"panels without data: {empty}"
+    up = query(base, f'sum(up{{job="seqface",run=~"{RUN}"}})', at=seen.last_up)
+    assert float(up[0]["value"][1]) == 2.0  # the "Workers up" stat
+    acc = query(base, f'seqface_eval_accuracy_ratio{{run="{RUN}"}}', at=seen.last_up)
+    assert [r["metric"]["rank"] for r in acc] == ["0"]  # rank 0 evaluates
+    assert 0.0 <= float(acc[0]["value"][1]) <= 1.0
