@@ -246,23 +246,25 @@ def observed(shards, pairs, tmp_path_factory):
                               daemon=True)
     old_env = {k: os.environ.get(k) for k in _OWN_RAY_ENV}
     try:
-        start_own_ray()
-        poller.start()
-        t0 = time.monotonic()
-        run(cfg)  # raises if a worker failed: the corrupt samples must not crash it
-        print(f"run of {STEPS} steps: {time.monotonic() - t0:.0f} s")
-        stop.set()
-        poller.join(timeout=10)
-        history = [json.loads(x) for x in history_path(cfg).read_text().splitlines()]
-        yield Observed(base, seen, history, log)
-    finally:
-        stop.set()
-        ray.shutdown()
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        try:
+            start_own_ray()
+            poller.start()
+            t0 = time.monotonic()
+            run(cfg)  # raises if a worker failed: the corrupt samples must not crash it
+            print(f"run of {STEPS} steps: {time.monotonic() - t0:.0f} s")
+            stop.set()
+            poller.join(timeout=10)
+            history = [json.loads(x) for x in history_path(cfg).read_text().splitlines()]
+            yield Observed(base, seen, history, log)
+        finally:
+            stop.set()
+            ray.shutdown()
+            for k, v in old_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:  # whatever happened above, no Prometheus outlives the tests
         proc.terminate()
         try:
             proc.wait(timeout=15)
