@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from seqface_dist.config import config_from_dict  # noqa: E402
 from seqface_dist.metrics import sd_path  # noqa: E402
-from seqface_dist.train.driver import run  # noqa: E402
+from seqface_dist.train.driver import local_ray, run  # noqa: E402
 from seqface_dist.train.worker import history_path  # noqa: E402
 
 LOG_EVERY = 10
@@ -103,22 +103,6 @@ def throughput(cfg, warmup: int) -> float:
     return len(rates) / sum(1.0 / r for r in rates)  # total samples / total time
 
 
-def start_own_ray() -> None:
-    """A fresh local cluster whose processes all know it as *the* cluster.
-
-    On a machine where other Ray clusters run, Ray Train's placement-group cleaner would
-    otherwise ask the latest one whether our controller is alive, hear "no", and remove
-    our placement group mid-run (see tests/test_observability.py).
-    """
-    import ray
-
-    port = free_port()
-    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), object_store_memory=256 << 20,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-
-
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -131,16 +115,15 @@ def main() -> None:
     ap.add_argument("--warmup-windows", type=int, default=3,
                     help=f"first windows of {LOG_EVERY} steps left out")
     args = ap.parse_args()
-    import ray
 
     with tempfile.TemporaryDirectory(prefix="bench-metrics-train-") as tmp:
         tmp = Path(tmp)
         build_shards(tmp / "shards")
         sd_dir = tmp / "sd"
-        start_own_ray()
         print("load average at start: " + _load(), flush=True)
         results: dict[bool, list[float]] = {False: [], True: []}
-        try:
+        with local_ray(num_cpus=2, env_vars={"DS_ACCELERATOR": "cpu"},
+                       object_store_memory=256 << 20):
             for i in range(args.repeats):
                 for metrics in (False, True):
                     name = f"{'on' if metrics else 'off'}{i}"
@@ -161,8 +144,6 @@ def main() -> None:
                     wall = time.perf_counter() - t0
                     print(f"run {name}: {rate:8.1f} samples/s (wall {wall:.0f} s"
                           + (f", {scrapes[0]} scrapes)" if metrics else ")"), flush=True)
-        finally:
-            ray.shutdown()
     print("load average at end: " + _load())
     off, on = statistics.mean(results[False]), statistics.mean(results[True])
     print(f"metrics off: {off:8.1f} samples/s  (runs: "

@@ -15,7 +15,6 @@ queries would see nothing: a target that goes away gets staleness markers).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -28,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import yaml
 
 from seqface_dist.config import config_from_dict
 from seqface_dist.metrics import CUDA_ONLY_METRIC_NAMES, LOSS_TERMS, sd_path
 from seqface_dist.metrics.promql import dashboard_queries, metric_names_in_promql
-from seqface_dist.train.driver import run
+from seqface_dist.train.driver import local_ray, run
 from seqface_dist.train.worker import history_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,26 +160,6 @@ def start_prometheus(tmp: Path, sd_dir: Path) -> tuple[subprocess.Popen, str, Pa
         time.sleep(0.3)
 
 
-_OWN_RAY_ENV = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
-
-
-def start_own_ray() -> None:
-    """A fresh local Ray cluster that every process of it knows as *the* cluster.
-
-    Other people's Ray clusters may run on this machine. Ray Train's placement-group
-    cleaner asks the state API whether the controller is alive, and without RAY_ADDRESS
-    that API picks the machine's *latest* cluster: another one answers "no such actor"
-    and the cleaner removes this run's placement group mid-run (seen here). So the GCS
-    gets a known port, RAY_ADDRESS names it (the raylet and every worker inherit it),
-    and the dashboard is on, since the state API goes through it.
-    """
-    port = free_port()
-    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
-    # "local": RAY_ADDRESS is for the cluster's own processes, not an address to join.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), object_store_memory=256 << 20)
-
-
 @dataclass
 class Seen:
     """What the poller saw while the run trained."""
@@ -244,26 +222,21 @@ def observed(shards, pairs, tmp_path_factory):
     seen, stop = Seen(), threading.Event()
     poller = threading.Thread(target=poll, args=(base, sd_path(sd_dir, RUN), seen, stop),
                               daemon=True)
-    old_env = {k: os.environ.get(k) for k in _OWN_RAY_ENV}
     try:
-        try:
-            start_own_ray()
-            poller.start()
-            t0 = time.monotonic()
-            run(cfg)  # raises if a worker failed: the corrupt samples must not crash it
-            print(f"run of {STEPS} steps: {time.monotonic() - t0:.0f} s")
-            stop.set()
-            poller.join(timeout=10)
-            history = [json.loads(x) for x in history_path(cfg).read_text().splitlines()]
-            yield Observed(base, seen, history, log)
-        finally:
-            stop.set()
-            ray.shutdown()
-            for k, v in old_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        # Our own cluster: other Ray clusters on the machine must not answer for it.
+        with local_ray(num_cpus=2, env_vars={"DS_ACCELERATOR": "cpu"},
+                       object_store_memory=256 << 20):
+            try:
+                poller.start()
+                t0 = time.monotonic()
+                run(cfg)  # raises if a worker failed: the corrupt samples must not crash it
+                print(f"run of {STEPS} steps: {time.monotonic() - t0:.0f} s")
+                stop.set()
+                poller.join(timeout=10)
+                history = [json.loads(x) for x in history_path(cfg).read_text().splitlines()]
+                yield Observed(base, seen, history, log)
+            finally:
+                stop.set()
     finally:  # whatever happened above, no Prometheus outlives the tests
         proc.terminate()
         try:

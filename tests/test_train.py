@@ -6,6 +6,7 @@ every run is read from rank 0's ``history.jsonl`` (one line per logged step).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,14 +15,14 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
 from train_util import build_mnist_shards, history, mean, train_cfg
 
 from seqface_dist.config import ConfigError, config_from_dict, load_config
 from seqface_dist.train.checkpoint import check_complete
-from seqface_dist.train.driver import PreflightError, preflight, run
+from seqface_dist.train.driver import PreflightError, local_ray, preflight, run
+from seqface_dist.train.worker import history_path
 
 pytestmark = pytest.mark.timeout(600)
 VENV_BIN = Path(sys.executable).parent
@@ -51,15 +52,15 @@ def test_preflight_refuses_bad_runs_before_any_worker(shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def own_ray():
     """One local Ray for the module's runs (each run() reuses it: no restart per test)."""
-    ray.init(num_cpus=2, object_store_memory=256 << 20)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=2, env_vars={"DS_ACCELERATOR": "cpu"},
+                   object_store_memory=256 << 20):
+        yield
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(shards, tmp_path_factory, local_ray):
+def two_worker_run(shards, tmp_path_factory, own_ray):
     storage = tmp_path_factory.mktemp("runs")
     cfg = config_from_dict(train_cfg(shards, storage, "down", optim__max_steps=60))
     return cfg, run(cfg)
@@ -77,40 +78,50 @@ def test_two_workers_deepspeed_every_loss_term_goes_down(two_worker_run):
     assert (Path(result.checkpoint.path) / "export" / "embedding.pt2").is_file()
 
 
-def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list, stop: threading.Event):
+def _kill_rank1_after_a_checkpoint(cfg, killed: list, stop: threading.Event):
+    """Once a checkpoint exists and a later step was logged, SIGKILL rank 1's process."""
+    run_dir = Path(cfg.train.storage_path) / cfg.train.run_name
     while not stop.is_set():
-        if any(run_dir.glob("checkpoint_*/state.json")):
-            for p in psutil.process_iter(["cmdline"]):
-                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                    killed.append(p.pid)
-                    os.kill(p.pid, signal.SIGKILL)
-                    return
-        time.sleep(0.2)
+        done = [json.loads(f.read_text())["step"]
+                for f in run_dir.glob("checkpoint_*/state.json")]
+        try:
+            rows = history(cfg) if history_path(cfg).exists() else []
+        except ValueError:  # a line being written
+            rows = []
+        if done and rows and rows[-1].get("step", 0) > min(done):
+            pid = rows[-1]["pids"][1]
+            killed.append((pid, rows[-1]["step"]))
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
 
 
-def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path, local_ray):
-    cfg = config_from_dict(train_cfg(shards, tmp_path, "fault", optim__max_steps=80,
-                                train__max_failures=2, train__checkpoint_every=10))
-    killed: list[int] = []
+def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path, own_ray):
+    cfg = config_from_dict(train_cfg(shards, tmp_path, "fault", optim__max_steps=60,
+                                     train__max_failures=2, train__checkpoint_every=10))
+    killed: list = []
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(tmp_path / "fault", killed, stop), daemon=True)
+    killer = threading.Thread(target=_kill_rank1_after_a_checkpoint,
+                              args=(cfg, killed, stop), daemon=True)
     killer.start()
     try:
         result = run(cfg)
     finally:
         stop.set()
     assert killed, "no worker was killed"
+    (pid, step_at_kill), = killed
     hist = history(cfg)
-    steps = [r["step"] for r in hist]
-    # After the kill the step counter went back to the last checkpoint and continued.
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    resumed_from = steps[restart] - 2
-    assert resumed_from % 10 == 0 and resumed_from < steps[restart - 1] + 1
-    assert steps[-1] == 80 and steps[restart:] == list(range(steps[restart], 81, 2))
-    # Samples seen are counted from the checkpoint: nothing after it is claimed done.
-    assert hist[-1]["samples_seen"] == 80 * 32 * 2
-    assert check_complete(result.checkpoint.path).step == 80
+    resumed = [r for r in hist if r.get("event") == "resumed"]
+    assert len(resumed) == 1, hist
+    back_to = resumed[0]["step"]
+    # The restart continued from the last checkpoint at or before the kill.
+    assert back_to % 10 == 0 and 10 <= back_to <= step_at_kill
+    after = [r["step"] for r in hist[hist.index(resumed[0]) + 1:]]
+    assert after == list(range(back_to + 2, 61, 2))
+    assert pid not in hist[-1]["pids"]  # a new process took rank 1's place
+    # Samples are counted from the checkpoint on: nothing after it is claimed done.
+    assert hist[-1]["samples_seen"] == 60 * 32 * 2
+    assert check_complete(result.checkpoint.path).step == 60
 
 
 def test_resume_on_a_different_number_of_workers(shards, tmp_path, two_worker_run):

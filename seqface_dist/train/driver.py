@@ -16,7 +16,9 @@ a checkpoint to resume that does not fit, a storage path that cannot be written.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,23 +131,73 @@ def _check_resume(cfg: Config, n_id: int, n_seq: int) -> None:
                                  f"{key}={spec.get(key)}, this run has {key}={have}")
 
 
-def run(cfg: Config, *, ray_address: str | None = None, num_cpus: int | None = None):
-    """Preflight, then train with Ray Train; returns Ray's ``Result``."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None, **init_kw):
+    """A new Ray cluster on this machine that all of its processes know as *the* cluster.
+
+    Other Ray clusters may run on the same machine. Ray Train's placement-group cleaner
+    asks the state API whether the run's controller is alive, and without RAY_ADDRESS that
+    API picks the machine's *latest* cluster: another one answers "no such actor" and the
+    cleaner removes this run's placement group mid-run. So the GCS gets a known port and
+    RAY_ADDRESS names it before start (every Ray process inherits both); the dashboard
+    stays on, since the state API goes through it. The environment is restored after.
+    """
     import ray
+
+    keys = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
+    saved = {k: os.environ.get(k) for k in keys}
+    port = _free_port()
+    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
+    try:
+        # "local": start a new cluster; RAY_ADDRESS is for its own processes.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+                 runtime_env={"env_vars": env_vars or {}}, **init_kw)
+        yield
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run(cfg: Config, *, ray_address: str | None = None, num_cpus: int | None = None):
+    """Preflight, then train with Ray Train; returns Ray's ``Result``.
+
+    Uses the Ray cluster this process is connected to, else the one at ``ray_address`` /
+    RAY_ADDRESS (inside ``ray job submit``: the job's cluster), else a new local one.
+    """
+    import ray
+
+    pre = preflight(cfg)
+    if ray.is_initialized():
+        return _fit(cfg, pre)
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"DS_ACCELERATOR": "cpu"} if not cfg.train.use_gpu else {}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+        try:
+            return _fit(cfg, pre)
+        finally:
+            ray.shutdown()
+    with local_ray(num_cpus, env):
+        return _fit(cfg, pre)
+
+
+def _fit(cfg: Config, pre: Preflight):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from seqface_dist.train.worker import train_func
 
-    pre = preflight(cfg)
-    started_here = not ray.is_initialized()
-    if started_here:
-        env = {"DS_ACCELERATOR": "cpu"} if not cfg.train.use_gpu else {}
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        # The dashboard stays on: Ray Train's state queries need it. An existing cluster
-        # brings its own resources, so num_cpus only sizes a new local one.
-        ray.init(address=address, num_cpus=None if address else num_cpus,
-                 runtime_env={"env_vars": env})
     registrar = None
     try:
         if cfg.metrics.enabled and cfg.metrics.service_discovery_dir:
@@ -170,8 +222,6 @@ def run(cfg: Config, *, ray_address: str | None = None, num_cpus: int | None = N
             from seqface_dist.metrics import stop_registrar
 
             stop_registrar(registrar)
-        if started_here:
-            ray.shutdown()
 
 
-__all__ = ["ConfigError", "Preflight", "PreflightError", "preflight", "run"]
+__all__ = ["ConfigError", "Preflight", "PreflightError", "local_ray", "preflight", "run"]

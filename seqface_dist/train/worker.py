@@ -145,11 +145,14 @@ def train_func(config: dict) -> None:
         # A partly read epoch is not replayed: its batches are drawn afresh.
         state.step, state.epoch, state.samples_seen = old.step, old.epoch + 1, old.samples_seen
         if rank == 0:
+            _append_history(cfg, {"event": "resumed", "step": state.step,
+                                  "checkpoint": str(resume.path)})
             print(f"[seqface] resumed at step {state.step} from {resume.path}", flush=True)
 
     node_ip = ray.util.get_node_ip_address()
-    node_ids: list = [None] * world  # where each rank runs, for the log
-    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    where: list = [None] * world  # (node id, pid) of each rank, for the log
+    dist.all_gather_object(where, (ray.get_runtime_context().get_node_id(), os.getpid()))
+    node_ids, pids = [w[0] for w in where], [w[1] for w in where]
     metrics, target = start_worker_metrics(cfg.metrics, cfg.train.run_name, rank, world,
                                            node_ip)
     if target and cfg.metrics.service_discovery_dir:
@@ -214,7 +217,7 @@ def train_func(config: dict) -> None:
                           "dsa": float(out.dsa), "active_fraction": float(out.active_fraction),
                           "lr": o.lr * factor, "lambda": lam, "grad_norm": grad_norm,
                           "samples_per_second": rate, "samples_seen": state.samples_seen,
-                          "node_ids": node_ids}
+                          "node_ids": node_ids, "pids": pids}
                 if vset is not None and (last or (cfg.eval.every_steps and
                                              state.step % cfg.eval.every_steps == 0)):
                     report.update(_evaluate(engine.module, vset, cfg, state.step, metrics))
@@ -222,7 +225,8 @@ def train_func(config: dict) -> None:
                     _append_history(cfg, report)
                     print("[seqface] " + " ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in report.items() if k != "node_ids"), flush=True)
+                        for k, v in report.items() if k not in ("node_ids", "pids")),
+                        flush=True)
                 checkpoint_now = state.step % cfg.train.checkpoint_every == 0 or last
                 _report(report, checkpoint_now, engine, head, head_opt, state, rank, dist,
                         cfg if last else None)
