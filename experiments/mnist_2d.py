@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from experiments.common import TrainData, TrainSpec, embed, train
-from experiments.mnist_data import load_mnist
+from seqface_dist.data.mnist import load_mnist
 from seqface_dist.eval.verification import cosine_scores, evaluate_scores
 from seqface_dist.models import tiny
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bad := [r for r in runs if r not in RUNS]:
         ap.error(f"--runs: unknown {bad}; choose from {RUNS}")
     t0 = time.time()
-    data = load_mnist()
+    data = load_mnist(as_float=True)
     x, y = data["train"]
     xt, yt = data["test"]
     if args.limit:

@@ -4,11 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# A real Prometheus server for the observability tests (Debian's package; starts nothing).
-if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# Debian packages the tests use: a real Prometheus server (observability tests; the
+# package starts nothing) and two CJK fonts (the glyph experiment's tiny run needs two
+# renders of each character).
+need=()
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+[ -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || need+=(fonts-wqy-zenhei)
+[ -e /usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf ] || need+=(fonts-droid-fallback)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
-        || echo "warning: could not install prometheus; its tests will fail" >&2
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null) \
+        || echo "warning: could not install ${need[*]}; the tests that need them fail" >&2
 fi
 export DS_ACCELERATOR=cpu
 .venv/bin/ruff check .

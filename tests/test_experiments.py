@@ -29,7 +29,7 @@ from experiments.glyphs import (  # noqa: E402
     claimed_code_points,
     require_fonts,
 )
-from experiments.mnist_data import load_mnist  # noqa: E402
+from seqface_dist.data.mnist import load_mnist  # noqa: E402
 
 TWO_FONTS_REASON = ("the CJK experiment needs at least 2 of the fonts in experiments.glyphs."
                     "FONTS (a character needs two renders for a genuine pair); install e.g. "
@@ -66,7 +66,7 @@ def test_mnist_loader_reads_plain_arrays(tmp_path: Path) -> None:
                   for n in (5, 3, 2))
     with gzip.open(path, "wb") as f:
         pickle.dump(parts, f, protocol=2)
-    got = load_mnist(path)
+    got = load_mnist(path, as_float=True)
     for (x, y), name in zip(parts, ("train", "valid", "test"), strict=True):
         np.testing.assert_array_equal(got[name][0], x.reshape(-1, 28, 28))
         np.testing.assert_array_equal(got[name][1], y)

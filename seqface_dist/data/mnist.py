@@ -30,14 +30,23 @@ def mnist_path() -> Path:
     return path
 
 
-def load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"train"|"valid"|"test": (uint8 images N x 28 x 28, int64 labels N)}."""
-    path = mnist_path()
+def load_mnist(path: str | Path | None = None, *,
+               as_float: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train"|"valid"|"test": (images N x 28 x 28, int64 labels N)}.
+
+    Images are uint8 (0..255), or with ``as_float`` the file's float32 values in [0, 1].
+    The file holds 50,000 training, 10,000 validation and 10,000 test digits.
+    """
+    path = Path(path) if path is not None else mnist_path()
     with gzip.open(path, "rb") as f:
         data = SafeBinUnpickler(f, str(path), allowed_dtypes=_NUMERIC).load()
     out = {}
     for name, (x, y) in zip(("train", "valid", "test"), data, strict=True):
         x = np.asarray(_unwrap(x), dtype=np.float32).reshape(-1, 28, 28)
-        out[name] = (np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8),
-                     np.asarray(_unwrap(y), dtype=np.int64))
+        y = np.asarray(_unwrap(y), dtype=np.int64)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{path}: {name} has {x.shape[0]} images but {y.shape[0]} labels")
+        if not as_float:
+            x = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+        out[name] = (x, y)
     return out
