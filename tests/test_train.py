@@ -78,12 +78,20 @@ def test_two_workers_deepspeed_every_loss_term_goes_down(two_worker_run):
     assert (Path(result.checkpoint.path) / "export" / "embedding.pt2").is_file()
 
 
+def _registered_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (its manager's snapshot)."""
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return [r["metrics"]["step"] for r in json.loads(snap.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):  # not there yet, or being rewritten
+        return []
+
+
 def _kill_rank1_after_a_checkpoint(cfg, killed: list, stop: threading.Event):
-    """Once a checkpoint exists and a later step was logged, SIGKILL rank 1's process."""
+    """Once Ray registered a checkpoint and a later step was logged, SIGKILL rank 1."""
     run_dir = Path(cfg.train.storage_path) / cfg.train.run_name
     while not stop.is_set():
-        done = [json.loads(f.read_text())["step"]
-                for f in run_dir.glob("checkpoint_*/state.json")]
+        done = _registered_checkpoint_steps(run_dir)
         try:
             rows = history(cfg) if history_path(cfg).exists() else []
         except ValueError:  # a line being written

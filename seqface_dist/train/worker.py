@@ -186,7 +186,12 @@ def train_func(config: dict) -> None:
             t2 = time.perf_counter()
             engine.backward(out.loss)
             t3 = time.perf_counter()
-            grad_norm = clip_gradients(engine, head, o.grad_clip, comm)
+            next_step = state.step + 1
+            last = next_step >= o.max_steps
+            log_now = next_step % cfg.train.log_every == 0 or last
+            # The norm costs a pass over every gradient: only when clipping or logging it.
+            grad_norm = (clip_gradients(engine, head, o.grad_clip, comm)
+                         if o.grad_clip > 0 or log_now else float("nan"))
             engine.step()
             head_opt.step()
             head_opt.zero_grad(set_to_none=True)
@@ -206,8 +211,8 @@ def train_func(config: dict) -> None:
                                  loader.batch_size, lr=o.lr * factor, lam=lam,
                                  active_hinge_fraction=float(out.active_fraction),
                                  step=state.step)
-            last = state.step >= o.max_steps
-            if state.step % cfg.train.log_every == 0 or last:
+            report = None
+            if log_now:
                 metrics.update_data_counters(_data_counters(loader.counters()))
                 now = time.perf_counter()
                 rate = window["samples"] / max(now - window["t0"], 1e-9)
@@ -227,12 +232,11 @@ def train_func(config: dict) -> None:
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in report.items() if k not in ("node_ids", "pids")),
                         flush=True)
-                checkpoint_now = state.step % cfg.train.checkpoint_every == 0 or last
-                _report(report, checkpoint_now, engine, head, head_opt, state, rank, dist,
-                        cfg if last else None)
-            elif state.step % cfg.train.checkpoint_every == 0:
-                _report({"step": state.step, **losses}, True, engine, head, head_opt, state,
-                        rank, dist)
+            # Ray hears of the run only at checkpoints: each ray.train.report waits for the
+            # controller's next poll (~2 s), too slow for every logged step.
+            if state.step % cfg.train.checkpoint_every == 0 or last:
+                _checkpoint(report or {"step": state.step, **losses}, engine, head, head_opt,
+                            state, rank, dist, cfg if last else None)
     finally:
         metrics.stop()
 
@@ -249,9 +253,9 @@ def _evaluate(model, vset, cfg: Config, step: int, metrics) -> dict:
     return {f"eval_{k}": float(v) for k, v in res.metrics().items()}
 
 
-def _report(metrics: dict, with_checkpoint: bool, engine, head, head_opt, state, rank,
-            dist, export_cfg: Config | None = None) -> None:
-    """ray.train.report on every rank; with a checkpoint, each rank adds its own files.
+def _checkpoint(metrics: dict, engine, head, head_opt, state, rank, dist,
+                export_cfg: Config | None = None) -> None:
+    """Collective: every rank writes its files and calls ray.train.report with them.
 
     ``export_cfg`` (the last step): rank 0 also writes the standalone export into it.
     """
@@ -259,9 +263,6 @@ def _report(metrics: dict, with_checkpoint: bool, engine, head, head_opt, state,
 
     from seqface_dist.train.checkpoint import save_checkpoint
 
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
     with tempfile.TemporaryDirectory(prefix="seqface-ckpt-") as d:
         if export_cfg is not None and rank == 0:
             from seqface_dist.train.export import export_embedding
