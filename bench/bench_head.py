@@ -262,8 +262,8 @@ def main() -> None:
                     help="N_id = N_seq values for speed (default 100000 1000000)")
     ap.add_argument("--head-only", action="store_true",
                     help="speed: skip the dense reference (it needs ~17 GB at 1M)")
-    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2],
-                    help="speed: the R values of the head to time (default 1 2)")
+    ap.add_argument("--worlds", type=int, nargs="*", default=[1, 2],
+                    help="speed: the R values of the head to time (default 1 2; none: dense only)")
     ap.add_argument("--dense-center-grad-max", type=int, default=100_000,
                     help="also time the dense reference with a dense center grad up to this N")
     args = ap.parse_args()
