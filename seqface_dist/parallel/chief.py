@@ -135,7 +135,7 @@ class BlockMarginSoftmax(torch.autograd.Function):
         for s in range(0, grad_w.shape[0], _ROWDOT_CHUNK):
             a, w = grad_w[s:s + _ROWDOT_CHUNK], weight[s:s + _ROWDOT_CHUNK]
             coef = torch.einsum("nd,nd->n", w, a) * inv_wnorm[s:s + _ROWDOT_CHUNK].square()
-            a.sub_(w * coef[:, None])
+            a.addcmul_(w, coef[:, None], value=-1.0)  # in place: no chunk-sized temporary
         ctx.workspace.give_back("logits", z)
         if accumulate:
             param.grad.add_(grad_w)
