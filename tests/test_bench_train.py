@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Three Ray Train starts (~20 s each on an idle 2-core box, minutes under heavy load).
+# Two Ray Train starts plus Ray itself: ~1 min on an idle 2-core box, minutes under load.
 pytestmark = pytest.mark.timeout(600)
 
 
