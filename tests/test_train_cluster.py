@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,11 +66,15 @@ def test_ray_job_submit_runs_training(shards, tmp_path):
                     "--disable-usage-stats"], check=True, env=env, capture_output=True,
                    timeout=180)
     try:
-        out = subprocess.run(
-            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-             str(VENV_BIN / "seqface"), "train", "--config", str(cfg_file)],
-            env=env, capture_output=True, text=True, timeout=400)
-        logs = out.stdout + out.stderr
+        for _ in range(20):  # the head's job agent comes up some seconds after `ray start`
+            out = subprocess.run(
+                [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+                 str(VENV_BIN / "seqface"), "train", "--config", str(cfg_file)],
+                env=env, capture_output=True, text=True, timeout=400)
+            logs = out.stdout + out.stderr
+            if "No available agent to submit job" not in logs:
+                break
+            time.sleep(3)
         assert out.returncode == 0, logs[-3000:]
         assert "[seqface] step=10" in logs and "succeeded" in logs, logs[-3000:]
     finally:
