@@ -30,11 +30,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from seqface_dist.config import config_from_dict  # noqa: E402
+from seqface_dist.data.mnist import write_mnist_shards  # noqa: E402
 from seqface_dist.metrics import sd_path  # noqa: E402
 from seqface_dist.train.driver import local_ray, run  # noqa: E402
 from seqface_dist.train.worker import history_path  # noqa: E402
@@ -49,16 +48,7 @@ def free_port() -> int:
 
 
 def build_shards(out: Path) -> None:
-    from seqface_dist.data.build import write_shard_set
-    from seqface_dist.data.mnist import load_mnist
-
-    x, y = load_mnist()["train"]
-    ids = [(int(d), x[i]) for d in range(5) for i in np.nonzero(y == d)[0][:150]]
-    seqs = [(k * 4 + j // 25, x[i]) for k, d in enumerate((5, 6, 7))
-            for j, i in enumerate(np.nonzero(y == d)[0][:100])]
-    np.random.default_rng(0).shuffle(ids)
-    write_shard_set(ids, str(out / "ids"), "identity", max_samples=150)
-    write_shard_set(seqs, str(out / "seqs"), "sequence", max_samples=100)
+    write_mnist_shards(out)
 
 
 def make_cfg(shards: Path, storage: Path, name: str, steps: int, metrics: bool, sd_dir: Path):

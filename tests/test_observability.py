@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from seqface_dist.config import config_from_dict
+from seqface_dist.data.mnist import write_mnist_shards
 from seqface_dist.metrics import CUDA_ONLY_METRIC_NAMES, LOSS_TERMS, sd_path
 from seqface_dist.metrics.promql import dashboard_queries, metric_names_in_promql
 from seqface_dist.train.driver import local_ray, run
@@ -91,17 +92,8 @@ def corrupt_first_jpeg(tar: Path) -> None:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from seqface_dist.data.build import write_shard_set
-    from seqface_dist.data.mnist import load_mnist
-
     out = tmp_path_factory.mktemp("shards")
-    x, y = load_mnist()["train"]
-    ids = [(int(d), x[i]) for d in range(5) for i in np.nonzero(y == d)[0][:120]]
-    seqs = [(k * 4 + j // 25, x[i]) for k, d in enumerate((5, 6, 7))
-            for j, i in enumerate(np.nonzero(y == d)[0][:100])]
-    np.random.default_rng(0).shuffle(ids)
-    write_shard_set(ids, str(out / "ids"), "identity", max_samples=100)
-    write_shard_set(seqs, str(out / "seqs"), "sequence", max_samples=100)
+    write_mnist_shards(out, per_identity=120, shard_size=100)
     tars = sorted((out / "ids").glob("*.tar"))
     assert len(tars) == 6
     for t in tars:  # every identity shard a worker opens holds one bad sample

@@ -7,21 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from seqface_dist.data.mnist import write_mnist_shards
 from seqface_dist.train.worker import history_path
 
 
 def build_mnist_shards(out: Path) -> Path:
     """Identities: digits 0-4 (150 images each); sequences: 12 tracks of 25 (digits 5-7)."""
-    from seqface_dist.data.build import write_shard_set
-    from seqface_dist.data.mnist import load_mnist
-
-    x, y = load_mnist()["train"]
-    ids = [(int(d), x[i]) for d in range(5) for i in np.nonzero(y == d)[0][:150]]
-    seqs = [(k * 4 + j // 25, x[i]) for k, d in enumerate((5, 6, 7))
-            for j, i in enumerate(np.nonzero(y == d)[0][:100])]
-    np.random.default_rng(0).shuffle(ids)
-    write_shard_set(ids, str(out / "ids"), "identity", max_samples=150)
-    write_shard_set(seqs, str(out / "seqs"), "sequence", max_samples=100)
+    write_mnist_shards(out)
     return out
 
 

@@ -50,3 +50,30 @@ def load_mnist(path: str | Path | None = None, *,
             x = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
         out[name] = (x, y)
     return out
+
+
+def write_mnist_shards(out: str | Path, *, identity_digits=range(5), per_identity: int = 150,
+                       sequence_digits=(5, 6, 7), tracks_per_digit: int = 4,
+                       track_len: int = 25, shard_size: int = 150, seed: int = 0) -> dict:
+    """Identity and sequence shard sets from MNIST training digits (demo, tests, benches).
+
+    Identities: ``per_identity`` images of each of ``identity_digits`` (identity index =
+    position in that list). Sequences: each of ``sequence_digits`` cut into
+    ``tracks_per_digit`` tracks of ``track_len`` images, each track its own sequence.
+    Returns {"ids": path, "seqs": path}.
+    """
+    from seqface_dist.data.build import write_shard_set
+
+    out = Path(out)
+    x, y = load_mnist()["train"]
+    ids = [(k, x[i], f"mnist-train#{i}") for k, d in enumerate(identity_digits)
+           for i in np.nonzero(y == d)[0][:per_identity]]
+    seqs = [(k * tracks_per_digit + j // track_len, x[i], f"mnist-train#{i}")
+            for k, d in enumerate(sequence_digits)
+            for j, i in enumerate(np.nonzero(y == d)[0][:tracks_per_digit * track_len])]
+    np.random.default_rng(seed).shuffle(ids)
+    paths = {"ids": out / "ids", "seqs": out / "seqs"}
+    write_shard_set(ids, str(paths["ids"]), "identity", max_samples=shard_size,
+                    label_names=[f"digit{d}" for d in identity_digits])
+    write_shard_set(seqs, str(paths["seqs"]), "sequence", max_samples=shard_size)
+    return paths

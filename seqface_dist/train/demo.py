@@ -25,9 +25,8 @@ SEQUENCE_DIGITS = tuple(range(6, 10))
 def build_demo_data(out: Path, *, per_identity: int = 800, tracks_per_digit: int = 20,
                     track_len: int = 30, pairs_per_fold: int = 300, seed: int = 0) -> dict:
     """Shards + pairs under ``out`` (skipped when already there); returns their paths."""
-    from seqface_dist.data.build import write_shard_set
     from seqface_dist.data.images import encode_jpeg
-    from seqface_dist.data.mnist import load_mnist
+    from seqface_dist.data.mnist import load_mnist, write_mnist_shards
     from seqface_dist.eval.pairs import write_bin
 
     paths = {"ids": out / "shards" / "ids", "seqs": out / "shards" / "seqs",
@@ -35,22 +34,12 @@ def build_demo_data(out: Path, *, per_identity: int = 800, tracks_per_digit: int
     if all((p / "manifest.json").is_file() for p in (paths["ids"], paths["seqs"])) and \
             paths["pairs"].is_file():
         return paths
+    write_mnist_shards(out / "shards", identity_digits=IDENTITY_DIGITS,
+                       per_identity=per_identity, sequence_digits=SEQUENCE_DIGITS,
+                       tracks_per_digit=tracks_per_digit, track_len=track_len,
+                       shard_size=1000, seed=seed)
     rng = np.random.default_rng(seed)
     data = load_mnist()
-    x, y = data["train"]
-    ids, seqs = [], []
-    for digit in IDENTITY_DIGITS:
-        for i in np.nonzero(y == digit)[0][:per_identity]:
-            ids.append((digit, x[i], f"mnist-train#{i}"))
-    for d, digit in enumerate(SEQUENCE_DIGITS):
-        idx = np.nonzero(y == digit)[0][:tracks_per_digit * track_len]
-        for k, i in enumerate(idx):
-            seqs.append((d * tracks_per_digit + k // track_len, x[i], f"mnist-train#{i}"))
-    rng.shuffle(ids)
-    write_shard_set(ids, str(paths["ids"]), "identity", max_samples=1000,
-                    label_names=[f"digit{d}" for d in IDENTITY_DIGITS])
-    write_shard_set(seqs, str(paths["seqs"]), "sequence", max_samples=1000)
-
     # Held-out pairs from the test split: half genuine (same digit), half impostor.
     tx, ty = data["test"]
     by_digit = [np.nonzero(ty == d)[0] for d in range(10)]
