@@ -90,6 +90,9 @@ class PartitionedHead(nn.Module):
                              "gradient only; the reference's rescaled gradient is single-process")
         if self.cfg.dsa_normalize_scale > 0:
             raise ValueError("loss.dsa_normalize_scale: not supported by the partitioned head")
+        if self.cfg.sampled_softmax_fraction < 1.0:
+            raise ValueError("loss.sampled_softmax_fraction: the sampled (Partial-FC) softmax "
+                             "is not implemented yet; use 1.0")
         self.layout = HeadLayout(spec.num_identities, spec.num_sequences, self.comm.world_size)
         self.rank = self.comm.rank
         self._check_ranks_agree(dtype)
