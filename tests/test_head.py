@@ -314,3 +314,11 @@ def test_layout_local_rows():
     t = torch.tensor([0, 2, 3, 4, 5, 6, 7])
     assert lay.local_center_row(t, 0).tolist() == [0, 2, -1, -1, 3, 4, -1]
     assert lay.local_center_row(t, 1).tolist() == [-1, -1, 0, 1, -1, -1, 2]
+
+
+@pytest.mark.parametrize("field,value", [("reference_margin_grad", True),
+                                         ("dsa_normalize_scale", 8.0),
+                                         ("sampled_softmax_fraction", 0.5)])
+def test_head_refuses_options_it_does_not_implement(field, value):
+    with pytest.raises(ValueError, match=f"loss.{field}"):
+        PartitionedHead(HeadSpec(4, 2, 3), LossConfig(**{field: value}), Comm())
