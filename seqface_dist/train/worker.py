@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,22 +90,33 @@ class _Batches:
                 self._it, self.epoch = None, self.epoch + 1
 
 
-def train_func(config: dict) -> None:
-    """The per-worker loop (``TorchTrainer(train_loop_per_worker=train_func)``)."""
+@dataclass
+class _Worker:
+    """Everything one worker trains with, built once by :func:`_build`."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    loader: object
+    engine: object
+    head: object
+    head_opt: torch.optim.Optimizer
+    comm: object
+    state: object  # RunState
+    optimizers: list = field(default_factory=list)
+    base_lrs: list = field(default_factory=list)
+
+
+def _build(cfg: Config) -> _Worker:
+    """Process group, shard loader, DeepSpeed backbone and the head beside it."""
     import ray.train
-    import torch.distributed as dist
 
     from seqface_dist.data.loader import make_train_loader
-    from seqface_dist.losses import lambda_schedule
-    from seqface_dist.metrics import register_endpoint, start_worker_metrics
     from seqface_dist.models import build_backbone
     from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
-    from seqface_dist.train.checkpoint import RunState, load_checkpoint
-    from seqface_dist.train.schedule import lr_multiplier, set_lr
+    from seqface_dist.train.checkpoint import RunState
 
-    cfg = config_from_dict(config["cfg"])
-    # Ray Train logs every report at INFO; our own progress line says it once.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     deepspeed = _deepspeed(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -117,58 +128,100 @@ def train_func(config: dict) -> None:
     loader = make_train_loader(cfg.data, rank=rank, world_size=world,
                                image_size=tuple(cfg.model.input_size),
                                channels=cfg.model.in_channels, seed=cfg.train.seed)
-    layout = loader.layout
-    backbone = build_backbone(cfg.model)
     o = cfg.optim
+    backbone = build_backbone(cfg.model)
     bb_opt = torch.optim.SGD(backbone.parameters(), lr=o.lr, momentum=o.momentum,
                              weight_decay=o.weight_decay)
     engine, bb_opt, _, _ = deepspeed.initialize(
         model=backbone, optimizer=bb_opt, config=ds_config(cfg, loader.batch_size))
     comm = Comm()
-    spec = HeadSpec(layout.num_identities, max(layout.num_sequences, 0),
-                    cfg.model.embedding_dim, seed=cfg.train.seed)
+    layout = loader.layout
+    spec = HeadSpec(layout.num_identities, layout.num_sequences, cfg.model.embedding_dim,
+                    seed=cfg.train.seed)
     head = PartitionedHead(spec, cfg.loss, comm, device=device, feature_grad_scale=world)
     head_opt = head.make_optimizer(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    optimizers = [bb_opt, head_opt]
-    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-
     state = RunState(world_size=world, zero_stage=cfg.train.zero_stage, seed=cfg.train.seed,
                      head={"spec": asdict(spec), "layout": layout.to_dict()},
                      config=cfg.to_dict())
+    optimizers = [bb_opt, head_opt]
+    return _Worker(cfg, rank, world, device, loader, engine, head, head_opt, comm, state,
+                   optimizers, [[g["lr"] for g in opt.param_groups] for opt in optimizers])
+
+
+def _resume(w: _Worker) -> None:
+    """Continue from Ray's latest checkpoint (after a failure) or train.resume_from."""
+    import ray.train
+
+    from seqface_dist.train.checkpoint import load_checkpoint
+
     resume = ray.train.get_checkpoint()
-    if resume is None and cfg.train.resume_from:
-        resume = ray.train.Checkpoint(cfg.train.resume_from)
-    if resume is not None:
-        with resume.as_directory() as d:
-            old = load_checkpoint(d, engine=engine, head=head, head_optimizer=head_opt,
-                                  rank=rank, world_size=world)
-        # A partly read epoch is not replayed: its batches are drawn afresh.
-        state.step, state.epoch, state.samples_seen = old.step, old.epoch + 1, old.samples_seen
-        if rank == 0:
-            _append_history(cfg, {"event": "resumed", "step": state.step,
-                                  "checkpoint": str(resume.path)})
-            print(f"[seqface] resumed at step {state.step} from {resume.path}", flush=True)
+    if resume is None and w.cfg.train.resume_from:
+        resume = ray.train.Checkpoint(w.cfg.train.resume_from)
+    if resume is None:
+        return
+    with resume.as_directory() as d:
+        old = load_checkpoint(d, engine=w.engine, head=w.head, head_optimizer=w.head_opt,
+                              rank=w.rank, world_size=w.world)
+    # A partly read epoch is not replayed: its batches are drawn afresh.
+    w.state.step, w.state.epoch, w.state.samples_seen = old.step, old.epoch + 1, \
+        old.samples_seen
+    if w.rank == 0:
+        _append_history(w.cfg, {"event": "resumed", "step": w.state.step,
+                                "checkpoint": str(resume.path)})
+        print(f"[seqface] resumed at step {w.state.step} from {resume.path}", flush=True)
+
+
+def _start_metrics(w: _Worker):
+    """This worker's Prometheus endpoint, registered for discovery when configured."""
+    import ray
+
+    from seqface_dist.metrics import register_endpoint, start_worker_metrics
 
     node_ip = ray.util.get_node_ip_address()
-    where: list = [None] * world  # (node id, pid) of each rank, for the log
-    dist.all_gather_object(where, (ray.get_runtime_context().get_node_id(), os.getpid()))
-    node_ids, pids = [w[0] for w in where], [w[1] for w in where]
-    metrics, target = start_worker_metrics(cfg.metrics, cfg.train.run_name, rank, world,
-                                           node_ip)
-    if target and cfg.metrics.service_discovery_dir:
-        register_endpoint(cfg.train.run_name, rank, node_ip, target)
-    metrics.set_head_rows(classifier=head.weight.shape[0],
-                          identity_centers=head.id_rows[1] - head.id_rows[0],
-                          sequence_centers=head.seq_rows[1] - head.seq_rows[0])
+    metrics, target = start_worker_metrics(w.cfg.metrics, w.cfg.train.run_name, w.rank,
+                                           w.world, node_ip)
+    if target and w.cfg.metrics.service_discovery_dir:
+        register_endpoint(w.cfg.train.run_name, w.rank, node_ip, target)
+    h = w.head
+    metrics.set_head_rows(classifier=h.weight.shape[0],
+                          identity_centers=h.id_rows[1] - h.id_rows[0],
+                          sequence_centers=h.seq_rows[1] - h.seq_rows[0])
+    return metrics
 
+
+def _where(w: _Worker) -> dict:
+    """(node id, pid) of every rank, for the log and for operators."""
+    import ray
+    import torch.distributed as dist
+
+    where: list = [None] * w.world
+    dist.all_gather_object(where, (ray.get_runtime_context().get_node_id(), os.getpid()))
+    return {"node_ids": [x[0] for x in where], "pids": [x[1] for x in where]}
+
+
+def train_func(config: dict) -> None:
+    """The per-worker loop (``TorchTrainer(train_loop_per_worker=train_func)``)."""
+    import torch.distributed as dist
+
+    from seqface_dist.losses import lambda_schedule
+    from seqface_dist.train.schedule import lr_multiplier, set_lr
+
+    cfg = config_from_dict(config["cfg"])
+    # Ray Train logs every report at INFO; our own progress line says it once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    w = _build(cfg)
+    _resume(w)
+    where = _where(w)
+    metrics = _start_metrics(w)
     vset = None
-    if rank == 0 and cfg.eval.pairs:
+    if w.rank == 0 and cfg.eval.pairs:
         from seqface_dist.eval.evaluate import load_verification_set
 
         vset = load_verification_set(cfg.eval.pairs, root=cfg.eval.root or None)
 
-    batches = _Batches(loader, state.epoch)
-    global_batch = loader.batch_size * world
+    o, state, engine, head, comm = cfg.optim, w.state, w.engine, w.head, w.comm
+    batches = _Batches(w.loader, state.epoch)
+    global_batch = w.loader.batch_size * w.world
     window = {"t0": time.perf_counter(), "samples": 0}
     try:
         while state.step < o.max_steps:
@@ -177,24 +230,23 @@ def train_func(config: dict) -> None:
             t1 = time.perf_counter()
             step = state.step
             factor = lr_multiplier(step, o)
-            set_lr(optimizers, base_lrs, factor)
+            set_lr(w.optimizers, w.base_lrs, factor)
             lam = lambda_schedule(step, base=cfg.loss.lambda_base, gamma=cfg.loss.lambda_gamma,
                                   power=cfg.loss.lambda_power, lambda_min=cfg.loss.lambda_min)
             comm_before = comm.seconds
-            feats = engine(images.to(device, non_blocking=True))
-            out = head(feats, centers.to(device), step=step)
+            feats = engine(images.to(w.device, non_blocking=True))
+            out = head(feats, centers.to(w.device), step=step)
             t2 = time.perf_counter()
             engine.backward(out.loss)
             t3 = time.perf_counter()
-            next_step = state.step + 1
-            last = next_step >= o.max_steps
-            log_now = next_step % cfg.train.log_every == 0 or last
+            last = step + 1 >= o.max_steps
+            log_now = (step + 1) % cfg.train.log_every == 0 or last
             # The norm costs a pass over every gradient: only when clipping or logging it.
             grad_norm = (clip_gradients(engine, head, o.grad_clip, comm)
                          if o.grad_clip > 0 or log_now else float("nan"))
             engine.step()
-            head_opt.step()
-            head_opt.zero_grad(set_to_none=True)
+            w.head_opt.step()
+            w.head_opt.zero_grad(set_to_none=True)
             t4 = time.perf_counter()
             state.step += 1
             state.samples_seen += global_batch
@@ -208,12 +260,12 @@ def train_func(config: dict) -> None:
                                   "backward": t3 - t2, "optimizer": t4 - t3,
                                   "communication": comm.seconds - comm_before},
                                  {k: v for k, v in losses.items() if v == v},
-                                 loader.batch_size, lr=o.lr * factor, lam=lam,
+                                 w.loader.batch_size, lr=o.lr * factor, lam=lam,
                                  active_hinge_fraction=float(out.active_fraction),
                                  step=state.step)
             report = None
             if log_now:
-                metrics.update_data_counters(_data_counters(loader.counters()))
+                metrics.update_data_counters(_data_counters(w.loader.counters()))
                 now = time.perf_counter()
                 rate = window["samples"] / max(now - window["t0"], 1e-9)
                 window.update(t0=now, samples=0)
@@ -222,23 +274,27 @@ def train_func(config: dict) -> None:
                           "dsa": float(out.dsa), "active_fraction": float(out.active_fraction),
                           "lr": o.lr * factor, "lambda": lam, "grad_norm": grad_norm,
                           "samples_per_second": rate, "samples_seen": state.samples_seen,
-                          "node_ids": node_ids, "pids": pids}
+                          **where}
                 if vset is not None and (last or (cfg.eval.every_steps and
                                              state.step % cfg.eval.every_steps == 0)):
                     report.update(_evaluate(engine.module, vset, cfg, state.step, metrics))
-                if rank == 0:
-                    _append_history(cfg, report)
-                    print("[seqface] " + " ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in report.items() if k not in ("node_ids", "pids")),
-                        flush=True)
+                if w.rank == 0:
+                    _log(cfg, report)
             # Ray hears of the run only at checkpoints: each ray.train.report waits for the
             # controller's next poll (~2 s), too slow for every logged step.
             if state.step % cfg.train.checkpoint_every == 0 or last:
-                _checkpoint(report or {"step": state.step, **losses}, engine, head, head_opt,
-                            state, rank, dist, cfg if last else None)
+                _checkpoint(report or {"step": state.step, **losses}, engine, head,
+                            w.head_opt, state, w.rank, dist, cfg if last else None)
     finally:
         metrics.stop()
+
+
+def _log(cfg: Config, report: dict) -> None:
+    """Rank 0: one history line and one progress line per logged step."""
+    _append_history(cfg, report)
+    print("[seqface] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in report.items() if k not in ("node_ids", "pids")),
+          flush=True)
 
 
 def _evaluate(model, vset, cfg: Config, step: int, metrics) -> dict:
