@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the one-command local demo: MNIST shards, 2 Ray "
                        "workers, DeepSpeed, partitioned head, evaluation, export")
     p.add_argument("--out", default="demo-out", help="folder for shards, runs and the export")
-    p.add_argument("--steps", type=int, default=600, help="training steps")
+    p.add_argument("--steps", type=int, default=1200, help="training steps")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.set_defaults(handler=_demo)
 
