@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from train_util import train_cfg
 
 from seqface_dist.config import config_from_dict
 from seqface_dist.data.mnist import write_mnist_shards
@@ -195,21 +196,12 @@ def observed(shards, pairs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("obs")
     sd_dir = tmp / "sd"
     sd_dir.mkdir()
-    cfg = config_from_dict({
-        "model": {"backbone": "tiny", "embedding_dim": 32, "input_size": [28, 28],
-                  "in_channels": 1},
-        "loss": {"scale": 16.0, "dsa_p": 0.3},
-        "data": {"identity_shards": [str(shards / "ids")],
-                 "sequence_shards": [str(shards / "seqs")],
-                 "identities_per_batch": 16, "sequences_per_batch": 16, "num_workers": 1,
-                 "shuffle_buffer": 50},
-        "optim": {"lr": 0.05, "max_steps": STEPS, "milestones": [10_000]},
-        "train": {"run_name": RUN, "storage_path": str(tmp / "runs"), "num_workers": 2,
-                  "log_every": 10, "checkpoint_every": 10_000, "max_failures": 0},
-        "metrics": {"enabled": True, "service_discovery_dir": str(sd_dir)},
+    cfg = config_from_dict(train_cfg(
+        shards, tmp / "runs", RUN, data__shuffle_buffer=50, optim__max_steps=STEPS,
+        optim__milestones=[10_000], train__log_every=10, train__checkpoint_every=10_000,
+        metrics__enabled=True, metrics__service_discovery_dir=str(sd_dir),
         # Rank 0 evaluates during the run, so the dashboard's evaluation panels get data.
-        "eval": {"pairs": str(pairs), "every_steps": EVAL_EVERY, "flip_test": False},
-    })
+        eval__pairs=str(pairs), eval__every_steps=EVAL_EVERY, eval__flip_test=False))
     proc, base, log = start_prometheus(tmp, sd_dir)
     seen, stop = Seen(), threading.Event()
     poller = threading.Thread(target=poll, args=(base, sd_path(sd_dir, RUN), seen, stop),

@@ -34,7 +34,7 @@ def train_cfg(shards: Path, storage: Path, name: str, **over) -> dict:
     }
     for key, value in over.items():
         section, field = key.split("__")
-        d[section][field] = value
+        d.setdefault(section, {})[field] = value
     return d
 
 
