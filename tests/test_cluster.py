@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from prom_util import require
 
 from seqface_dist.metrics import EXPORTED_METRIC_NAMES
 from seqface_dist.metrics.promql import (
@@ -19,17 +20,17 @@ from seqface_dist.metrics.promql import (
     metric_names_in_promql,
 )
 
-tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER, LAUNCH = ROOT / "cluster", ROOT / "launch"
 SD_GLOB = "/tmp/seqface/sd/*.json"  # where the driver's discovery files go on the head node
 IMAGE_ROOT = "/home/ray/seqface-dist/"  # the repository inside cluster/Dockerfile's image
 # Series Prometheus makes itself for every target.
 PROMETHEUS_BUILTINS = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not installed (Debian package 'prometheus'; "
-    "scripts/test.sh installs it, so CI runs this)")
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return require("promtool")
 
 
 def load_all(name: str) -> list[dict]:
@@ -54,16 +55,14 @@ def check_seqface_command(argv: list[str]) -> Path:
 
 def check_config_path(path: Path) -> None:
     assert path.parts[0] == "configs" and path.suffix == ".yaml", path
-    if not (ROOT / path).is_file():
-        pytest.skip(f"{path} not written yet (the training issue's configs/ adds it)")
+    assert (ROOT / path).is_file(), f"{path} is named but not in the repository"
 
 
 # ---------------------------------------------------------------------------- Prometheus
 
 
-@needs_promtool
-def test_promtool_accepts_the_scrape_config(tmp_path):
-    r = subprocess.run([PROMTOOL, "check", "config", str(CLUSTER / "prometheus.yml")],
+def test_promtool_accepts_the_scrape_config(tmp_path, promtool):
+    r = subprocess.run([promtool, "check", "config", str(CLUSTER / "prometheus.yml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
@@ -72,19 +71,18 @@ def test_promtool_accepts_the_scrape_config(tmp_path):
         cm = next(d for d in load_all(name) if d["kind"] == "ConfigMap")
         f = tmp_path / f"{name}.prometheus.yml"
         f.write_text(cm["data"]["prometheus.yml"])
-        r = subprocess.run([PROMTOOL, "check", "config", str(f)], capture_output=True,
+        r = subprocess.run([promtool, "check", "config", str(f)], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 0, (name, r.stdout + r.stderr)
 
 
-@needs_promtool
-def test_promtool_rejects_a_broken_config(tmp_path):
+def test_promtool_rejects_a_broken_config(tmp_path, promtool):
     # The check above can fail: an unknown field is refused.
     cfg = yaml.safe_load((CLUSTER / "prometheus.yml").read_text())
     cfg["scrape_configs"][0]["file_sd_config"] = cfg["scrape_configs"][0].pop("file_sd_configs")
     f = tmp_path / "bad.yml"
     f.write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([PROMTOOL, "check", "config", str(f)], capture_output=True, text=True,
+    r = subprocess.run([promtool, "check", "config", str(f)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode != 0
 

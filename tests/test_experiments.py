@@ -151,7 +151,7 @@ def test_command_for_replaces_options() -> None:
 def fonts() -> list[FontSpec]:
     have = available_fonts()
     if len(have) < 2:
-        pytest.skip(TWO_FONTS_REASON)
+        pytest.fail(TWO_FONTS_REASON)  # scripts/test.sh installs two: missing = broken setup
     return have
 
 

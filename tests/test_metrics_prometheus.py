@@ -8,8 +8,6 @@ to a 1 s scrape interval and a temporary discovery folder. The endpoints are reg
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+from prom_util import start_prometheus
 
 from seqface_dist.metrics import (
     CUDA_ONLY_METRIC_NAMES,
@@ -30,18 +28,8 @@ from seqface_dist.metrics import (
 from seqface_dist.metrics.promql import dashboard_queries, metric_names_in_promql
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS = shutil.which("prometheus")
 DEADLINE_S = 40.0
 
-pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus not installed (Debian package 'prometheus'; "
-    "scripts/test.sh installs it, so CI runs this)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def query(base: str, q: str) -> list[dict]:
@@ -75,14 +63,6 @@ def test_prometheus_scrapes_both_workers_and_sees_values_move(tmp_path):
     deadline = time.monotonic() + DEADLINE_S
     sd_dir = tmp_path / "sd"
     sd_dir.mkdir()
-    cfg = yaml.safe_load((ROOT / "cluster" / "prometheus.yml").read_text())
-    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    cfg["scrape_configs"] = [j for j in cfg["scrape_configs"] if j["job_name"] == "seqface"]
-    cfg["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(sd_dir / "*.json")]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "prometheus.log"
 
     workers = [WorkerMetrics("itest", r, node="localnode", world_size=2) for r in (0, 1)]
     stop = threading.Event()
@@ -104,12 +84,7 @@ def test_prometheus_scrapes_both_workers_and_sees_values_move(tmp_path):
                                         "s3_retries": step // 20})
             time.sleep(0.05)
 
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--web.listen-address=127.0.0.1:{port}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
-            stdout=logf, stderr=subprocess.STDOUT)
+    proc, base, log = start_prometheus(tmp_path, sd_dir)
     loop = threading.Thread(target=train_loop)
     try:
         for w in workers:
@@ -118,9 +93,6 @@ def test_prometheus_scrapes_both_workers_and_sees_values_move(tmp_path):
             w.set_eval("lfw", step=0, accuracy=0.9, tar_at_far={1e-3: 0.8})
             w.start("127.0.0.1", 0)
         loop.start()
-        wait_for("Prometheus ready", lambda: urllib.request.urlopen(
-            f"{base}/-/ready", timeout=2).status == 200, deadline, proc, log)
-
         # Workers register only now: Prometheus must notice the file appear.
         sd = ServiceDiscoveryFile(sd_path(sd_dir, "itest"))
         for w in workers:

@@ -15,8 +15,6 @@ queries would see nothing: a target that goes away gets staleness markers).
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from prom_util import start_prometheus
 from train_util import train_cfg
 
 from seqface_dist.config import config_from_dict
@@ -38,23 +36,12 @@ from seqface_dist.train.driver import local_ray, run
 from seqface_dist.train.worker import history_path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS = shutil.which("prometheus")
 RUN = "obs"
 STEPS = 180
 EVAL_EVERY = 60
 READY_S = 60.0  # Prometheus up and answering
 
-pytestmark = [
-    pytest.mark.timeout(420),
-    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (Debian package "
-                       "'prometheus'; scripts/test.sh installs it, so CI runs this)"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.timeout(420)
 
 
 def query(base: str, q: str, at: float | None = None) -> list[dict]:
@@ -124,35 +111,6 @@ def pairs(tmp_path_factory) -> Path:
     return path
 
 
-def start_prometheus(tmp: Path, sd_dir: Path) -> tuple[subprocess.Popen, str, Path]:
-    cfg = yaml.safe_load((ROOT / "cluster" / "prometheus.yml").read_text())
-    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    cfg["scrape_configs"] = [j for j in cfg["scrape_configs"] if j["job_name"] == "seqface"]
-    cfg["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(sd_dir / "*.json")]
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    log = tmp / "prometheus.log"
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
-             f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp / 'tsdb'}"],
-            stdout=logf, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited:\n{log.read_text()[-3000:]}")
-        try:
-            if urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200:
-                return proc, base, log
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"prometheus not ready in {READY_S} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-
-
 @dataclass
 class Seen:
     """What the poller saw while the run trained."""
@@ -202,7 +160,7 @@ def observed(shards, pairs, tmp_path_factory):
         metrics__enabled=True, metrics__service_discovery_dir=str(sd_dir),
         # Rank 0 evaluates during the run, so the dashboard's evaluation panels get data.
         eval__pairs=str(pairs), eval__every_steps=EVAL_EVERY, eval__flip_test=False))
-    proc, base, log = start_prometheus(tmp, sd_dir)
+    proc, base, log = start_prometheus(tmp, sd_dir, READY_S)
     seen, stop = Seen(), threading.Event()
     poller = threading.Thread(target=poll, args=(base, sd_path(sd_dir, RUN), seen, stop),
                               daemon=True)

@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -66,7 +66,8 @@ class WorkerMetrics:
     """The metrics of one training worker, in its own registry, served over HTTP."""
 
     def __init__(self, run: str, rank: int, node: str | None = None,
-                 world_size: int | None = None, throughput_window_s: float = 1.0) -> None:
+                 world_size: int | None = None, throughput_window_s: float = 1.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.run, self.rank = run, int(rank)
         self.node = node or socket.gethostname()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -103,6 +104,7 @@ class WorkerMetrics:
         c("seqface_process_resident_memory_bytes").set_function(_rss_bytes)
         self._setup_cuda()
         self._window_s = throughput_window_s
+        self._clock = clock  # wall time for the throughput window (tests pass a fake one)
         self._win_start: float | None = None
         self._win_samples = 0
         self._server: Any = None
@@ -166,7 +168,7 @@ class WorkerMetrics:
 
     def _update_throughput(self, samples: int) -> None:
         # Samples over a window of wall time: includes every stall the phases miss.
-        now = time.perf_counter()
+        now = self._clock()
         if self._win_start is None:
             self._win_start = now
             return
