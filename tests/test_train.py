@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from train_util import build_mnist_shards, history, mean, train_cfg
+from train_util import history, mean, train_cfg
 
 from seqface_dist.config import ConfigError, config_from_dict, load_config
 from seqface_dist.train.checkpoint import check_complete
@@ -28,9 +28,6 @@ pytestmark = pytest.mark.timeout(600)
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_mnist_shards(tmp_path_factory.mktemp("shards"))
 
 
 def test_preflight_refuses_bad_runs_before_any_worker(shards, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from train_util import build_mnist_shards, history, train_cfg
+from train_util import history, train_cfg
 
 from seqface_dist.config import config_from_dict
 from seqface_dist.train.checkpoint import check_complete
@@ -22,9 +22,6 @@ pytestmark = pytest.mark.timeout(600)
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_mnist_shards(tmp_path_factory.mktemp("shards"))
 
 
 def test_multi_node_cluster_spreads_workers_and_checkpoints(shards, tmp_path):
