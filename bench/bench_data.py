@@ -35,10 +35,10 @@ from seqface_dist.data.testing import local_s3  # noqa: E402
 SIZE = (112, 112)
 
 
-def face_like(seed: int) -> np.ndarray:
+def face_like(seed: int, size: tuple[int, int] = SIZE) -> np.ndarray:
     """Smooth shapes plus mild noise: compresses like an aligned face crop (~4-6 kB)."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:SIZE[0], 0:SIZE[1]] / SIZE[0]
+    y, x = np.mgrid[0:size[0], 0:size[1]] / size[0]
     base = np.stack([np.sin(6 * x * rng.uniform(0.5, 2) + rng.uniform(0, 6)) * 60 + 128,
                      np.cos(5 * y * rng.uniform(0.5, 2)) * 50 + 120,
                      (x + y) * 60 + rng.uniform(40, 90)], -1)

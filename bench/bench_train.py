@@ -46,6 +46,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench_data import face_like  # noqa: E402  (bench/ is on sys.path: run as a script)
+
 from seqface_dist.config import config_from_dict  # noqa: E402
 
 # log_every 10 is the config default: a ray.train.report every 10 steps (see RESULTS.md on
@@ -61,16 +63,6 @@ def load() -> str:
 
 
 # --------------------------------------------------------------------------- shards
-
-
-def face_like(seed: int, size: tuple[int, int]) -> np.ndarray:
-    """Smooth shapes plus mild noise: JPEGs of the size of aligned face crops (~4-6 kB)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size[0], 0:size[1]] / size[0]
-    base = np.stack([np.sin(6 * x * rng.uniform(0.5, 2) + rng.uniform(0, 6)) * 60 + 128,
-                     np.cos(5 * y * rng.uniform(0.5, 2)) * 50 + 120,
-                     (x + y) * 60 + rng.uniform(40, 90)], -1)
-    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
 
 
 def build_shards(root: Path, n: int, size: tuple[int, int]) -> tuple[str, str]:
