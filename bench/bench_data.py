@@ -4,10 +4,13 @@
 
 Builds an identity and a sequence shard set of 112x112 JPEGs, writes them to a local
 folder and to S3 on loopback (moto's server), then measures:
-- decoder options: single-process decode rate of the same JPEG bytes (PIL, simplejpeg);
-- decode bound: the same JPEG bytes decoded in a tight loop by ``--workers`` processes;
+- decoder options: single-process decode rate of the same JPEG bytes (PIL, simplejpeg;
+  into new arrays or into one reused array);
+- decode bound: the same JPEG bytes decoded in a tight loop by ``--workers`` processes,
+  the fastest way (simplejpeg into a reused array, as the loader decodes into its batch);
 - local / S3: samples/s of ``make_train_loader`` batches (32 identities + 32 sequences,
-  decoded, flipped, normalised, batched) with ``--workers`` DataLoader workers, measured
+  decoded, flipped, batched as uint8; the trainer normalises on its device) with
+  ``--workers`` DataLoader workers, measured
   from the first batch to the last (worker start-up excluded).
 Prints figures and the ratios the data-plane issue targets (S3 >= 0.9x local,
 local >= 0.8x the decode bound). Figures, not asserts.
@@ -51,19 +54,21 @@ def samples(n: int, classes: int, offset: int):
 
 
 def decode_loop(args) -> tuple[int, float]:
-    blobs, decoder, repeat = args
+    """Decode ``blobs`` ``repeat`` times; into one reused array (the fastest way) or not."""
+    blobs, decoder, repeat, into = args
+    out = np.empty((*SIZE, 3), np.uint8) if into else None
     t = time.perf_counter()
     for _ in range(repeat):
         for b in blobs:
-            images.decode_jpeg(b, 3, decoder)
+            images.decode_jpeg(b, 3, decoder, out)
     return len(blobs) * repeat, time.perf_counter() - t
 
 
 def decode_bound(blobs: list[bytes], procs: int, decoder: str, repeat: int) -> float:
     chunks = [blobs[i::procs] for i in range(procs)]
     with mp.get_context("fork").Pool(procs) as pool:
-        pool.map(decode_loop, [(c[:10], decoder, 1) for c in chunks])  # warm up
-        res = pool.map(decode_loop, [(c, decoder, repeat) for c in chunks])
+        pool.map(decode_loop, [(c[:10], decoder, 1, True) for c in chunks])  # warm up
+        res = pool.map(decode_loop, [(c, decoder, repeat, True) for c in chunks])
     return sum(n for n, _ in res) / max(t for _, t in res)
 
 
@@ -115,8 +120,10 @@ def main() -> None:
 
         decoders = ["pil"] + (["simplejpeg"] if images._sj is not None else [])
         for d in decoders:
-            n, dt = decode_loop((blobs[:2000], d, 1))
-            print(f"decoder {d:11s}: {n / dt:8.0f} images/s (1 process)")
+            for into in (False, True):
+                n, dt = decode_loop((blobs[:2000], d, 1, into))
+                where = "into a reused array" if into else "into new arrays"
+                print(f"decoder {d:11s}: {n / dt:8.0f} images/s (1 process, {where})")
         best = images.decoder_name()
         bound = decode_bound(blobs, args.workers, best, 2)
         print(f"decode bound     : {bound:8.0f} images/s ({args.workers} processes, {best})")

@@ -105,7 +105,7 @@ def bare_loop(cfg_dict: dict, warmup: int, predecoded: bool) -> dict:
     """The same training step without Ray or DeepSpeed, in this (fresh) process."""
     import torch
 
-    from seqface_dist.data.loader import make_train_loader
+    from seqface_dist.data.loader import make_train_loader, normalize
     from seqface_dist.models import build_backbone
     from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
     from seqface_dist.train.schedule import lr_multiplier, set_lr
@@ -137,7 +137,7 @@ def bare_loop(cfg_dict: dict, warmup: int, predecoded: bool) -> dict:
     for step in range(o.max_steps):
         images, centers = next(batches)
         set_lr(optimizers, base_lrs, lr_multiplier(step, o))
-        out = head(net(images), centers, step=step)
+        out = head(net(normalize(images)), centers, step=step)
         out.loss.backward()
         opt.step()
         head_opt.step()

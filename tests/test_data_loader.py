@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from seqface_dist.config import DataConfig
@@ -206,7 +207,7 @@ def test_normalise_flip_and_crop():
 
     import torch
 
-    from seqface_dist.data.loader import augment, to_tensor
+    from seqface_dist.data.loader import augment_batch, normalize, to_tensor
 
     img = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
     x = to_tensor([img, img[:, ::-1]])
@@ -214,11 +215,98 @@ def test_normalise_flip_and_crop():
     assert x.dtype == torch.float32 and x.shape == (2, 3, 6, 5)
     assert np.array_equal(x[0].numpy(), want.astype(np.float32))
     assert np.array_equal(x[1].numpy(), want[:, :, ::-1].astype(np.float32))
-    flips = {augment(img, random.Random(s), True, 0)[0, 0, 0] for s in range(20)}
-    assert flips == {img[0, 0, 0], img[0, -1, 0]}  # both orientations occur
-    for s in range(20):
-        out = augment(img, random.Random(s), False, 2)
-        assert out.shape == img.shape
-        padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))
-        assert any(np.array_equal(out, padded[y:y + 6, x_:x_ + 5])
-                   for y in range(5) for x_ in range(5))
+    assert torch.equal(normalize(torch.from_numpy(np.stack([img, img[:, ::-1]]))), x)
+
+    def augmented(seed: int, flip: bool, pad: int) -> np.ndarray:
+        batch = np.stack([img] * 3)
+        augment_batch(batch, random.Random(seed), flip, pad)
+        return batch
+
+    rows = np.concatenate([augmented(s, True, 0) for s in range(10)])
+    assert {r[0, 0, 0] for r in rows} == {img[0, 0, 0], img[0, -1, 0]}  # both orientations
+    assert all(np.array_equal(r, img) or np.array_equal(r, img[:, ::-1]) for r in rows)
+    for pad in (2, 9):  # 9: wider than the image, some windows are all zeros
+        padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+        crops = {(y, x_) for y in range(2 * pad + 1) for x_ in range(2 * pad + 1)}
+        seen = set()
+        for r in np.concatenate([augmented(s, False, pad) for s in range(150)]):
+            at = {(y, x_) for y, x_ in crops if np.array_equal(r, padded[y:y + 6, x_:x_ + 5])}
+            assert at  # every output is one window of the zero-padded image
+            seen |= at
+        assert seen == crops if pad == 2 else len(seen) > 100  # and the windows all occur
+
+
+def unique_set(tmp_path, n: int, kind: str, name: str) -> tuple[str, dict[int, np.ndarray]]:
+    """A set of n samples, sample j of class j; returns (folder, class -> decoded image)."""
+    imgs = [(np.random.default_rng(j).random((*SIZE, 3)) * 255).astype(np.uint8)
+            for j in range(n)]
+    out = str(tmp_path / name)
+    write_shard_set(list(enumerate(imgs)), out, kind, num_classes=n, max_samples=7)
+    decoded = {}
+    for s in SampleStream([resolve_shard_set(out)]):
+        decoded[s["center"]] = s["image"]
+    assert len(decoded) == n
+    return out, decoded
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_hold_the_decoded_images_and_can_be_kept(tmp_path, workers):
+    """Every row of every batch is its sample's image (flipped or not), also when the caller
+    keeps all batches: the shared slots the workers reuse must not leak into them."""
+    ids, id_img = unique_set(tmp_path, 40, "identity", "ids")
+    seqs, seq_img = unique_set(tmp_path, 60, "sequence", "seqs")
+    cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs], identities_per_batch=2,
+                     sequences_per_batch=3, num_workers=workers, resampled=False,
+                     shuffle_buffer=5, flip=True)
+    loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3, seed=0)
+    kept = list(loader)
+    assert len(kept) == len(loader) >= 12  # more batches than a worker's ring slots
+    flipped = 0
+    for images, centers in kept:
+        assert images.dtype == torch.uint8 and images.shape == (5, *SIZE, 3)
+        for row, c in zip(images.numpy(), centers.tolist(), strict=True):
+            want = id_img[c] if c < 40 else seq_img[c - 40]
+            assert np.array_equal(row, want) or np.array_equal(row, want[:, ::-1]), c
+            flipped += not np.array_equal(row, want)
+    assert 0 < flipped < 5 * len(kept)
+
+
+def test_stopping_early_then_a_full_pass(tmp_path):
+    ids, _ = unique_set(tmp_path, 40, "identity", "ids")
+    cfg = DataConfig(identity_shards=[ids], identities_per_batch=2, sequences_per_batch=0,
+                     num_workers=2, resampled=False, shuffle_buffer=0)
+    loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3, seed=0)
+    it = iter(loader)
+    next(it)  # stop after one batch while the workers fill their slots
+    it.close()
+    assert sum(1 for _ in loader) == len(loader) >= 15
+
+
+def test_batch_ring_worker_waits_for_a_free_slot_until_taken_or_unblocked():
+    import queue
+    import threading
+
+    from seqface_dist.data.batchring import BatchRing
+
+    ring = BatchRing(1, 2, (1, 2, 2, 1))
+    for k in range(2):
+        ring.claim(0, k)[1][...] = k + 1
+    got: queue.Queue = queue.Queue()
+    waiter = threading.Thread(target=lambda: got.put(ring.claim(0, 2)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # both slots hold batches the main process has not taken
+    assert ring.take(0, 0).flatten().tolist() == [1] * 4
+    waiter.join(10)
+    slot, view = got.get_nowait()
+    assert slot == 0 and view.shape == (1, 2, 2, 1)
+    view[...] = 3
+    assert ring.take(0, 1).flatten().tolist() == [2] * 4  # slot 1 untouched by the reuse
+    ring.claim(0, 3)
+    waiter = threading.Thread(target=lambda: ring.claim(0, 4))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    ring.unblock()  # the main process stopped reading: the worker must not hang
+    waiter.join(10)
+    assert not waiter.is_alive()

@@ -9,10 +9,11 @@ Building (``seqface shards build|verify|info``, see ``cli.py``)::
 
 Reading (the trainer's input; API at the top of ``loader.py``)::
 
-    from seqface_dist.data.loader import make_train_loader
+    from seqface_dist.data.loader import make_train_loader, normalize
     loader = make_train_loader(cfg.data, rank=r, world_size=R, image_size=(112, 96),
                                channels=3, seed=cfg.train.seed)
-    for images, centers in loader: ...       # float B x C x H x W, int64 center indices
+    for images, centers in loader:           # uint8 B x H x W x C, int64 center indices
+        x = normalize(images.to(device))     # float B x C x H x W, (x - 127.5) / 128
     loader.layout.to_dict()                  # N_id, N_seq, per-set offsets (for checkpoints)
     loader.counters()                        # samples/shards/bytes read, bad samples by reason
 
@@ -20,6 +21,7 @@ Modules: ``store`` (paths, file://, s3://), ``s3`` (boto3, ranged resumable read
 multipart uploads, the webdataset ``s3:`` opener), ``tario`` (deterministic tar writer,
 tolerant tar reader), ``images`` (JPEG decode/encode), ``recordio`` (MXNet .rec/.idx),
 ``sources`` (listing input layouts), ``manifest``, ``build``, ``stream`` (per-kind sample
-streams), ``loader`` (mixing, batching, equal batch counts across ranks), ``counters``,
+streams), ``loader`` (mixing, batching, equal batch counts across ranks), ``batchring``
+(shared-memory batch slots between DataLoader workers and the trainer), ``counters``,
 ``verify``, ``testing`` (moto S3 on loopback and a connection-cutting proxy).
 """

@@ -32,21 +32,36 @@ def decoder_name() -> str:
     return "simplejpeg"
 
 
-def decode_jpeg(data: bytes, channels: int, decoder: str | None = None) -> np.ndarray:
-    """JPEG bytes -> uint8 array H x W x channels (1 or 3). Raises ImageError."""
+def decode_jpeg(data: bytes, channels: int, decoder: str | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """JPEG bytes -> uint8 array H x W x channels (1 or 3). Raises ImageError.
+
+    With ``out`` (a writable uint8 array), simplejpeg decodes into its memory: ~15 % faster
+    than into a new array, and no copy into a batch afterwards. The result is then a view of
+    ``out`` shaped like the image, which may differ from ``out``'s shape: check it."""
     decoder = decoder or decoder_name()
     try:
         if decoder == "simplejpeg":
             return _sj.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB",
-                                   fastdct=False, fastupsample=False)
+                                   fastdct=False, fastupsample=False, buffer=out)
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG":
                 raise ImageError(f"not a JPEG ({im.format})")
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-        return arr[:, :, None] if channels == 1 else arr
+        arr = arr[:, :, None] if channels == 1 else arr
+        if out is not None and arr.shape == out.shape:
+            out[...] = arr
+            return out
+        return arr
     except ImageError:
         raise
     except Exception as e:  # every decoder failure is one kind of bad sample
+        if out is not None and _sj is not None and decoder == "simplejpeg":
+            try:  # a valid JPEG too big for ``out``: report its size, not a decode failure
+                h, w = _sj.decode_jpeg_header(data)[:2]
+                return np.empty((h, w, channels), np.uint8)
+            except Exception:  # noqa: BLE001 - not even a header: a bad JPEG
+                pass
         raise ImageError(f"cannot decode JPEG: {e}") from None
 
 

@@ -203,6 +203,7 @@ def train_func(config: dict) -> None:
     """The per-worker loop (``TorchTrainer(train_loop_per_worker=train_func)``)."""
     import torch.distributed as dist
 
+    from seqface_dist.data.loader import normalize
     from seqface_dist.losses import lambda_schedule
     from seqface_dist.train.schedule import lr_multiplier, set_lr
 
@@ -234,7 +235,7 @@ def train_func(config: dict) -> None:
             lam = lambda_schedule(step, base=cfg.loss.lambda_base, gamma=cfg.loss.lambda_gamma,
                                   power=cfg.loss.lambda_power, lambda_min=cfg.loss.lambda_min)
             comm_before = comm.seconds
-            feats = engine(images.to(w.device, non_blocking=True))
+            feats = engine(normalize(images.to(w.device, non_blocking=True)))
             out = head(feats, centers.to(w.device), step=step)
             t2 = time.perf_counter()
             engine.backward(out.loss)
