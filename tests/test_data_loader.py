@@ -218,8 +218,10 @@ def test_normalise_flip_and_crop():
     assert torch.equal(normalize(torch.from_numpy(np.stack([img, img[:, ::-1]]))), x)
 
     def augmented(seed: int, flip: bool, pad: int) -> np.ndarray:
-        batch = np.stack([img] * 3)
-        augment_batch(batch, random.Random(seed), flip, pad)
+        rng = random.Random(seed)
+        mirror = [flip and rng.random() < 0.5 for _ in range(3)]
+        batch = np.stack([img[:, :, ::-1] if m else img for m in mirror])  # as decoded
+        augment_batch(batch, mirror, rng, pad)
         return batch
 
     rows = np.concatenate([augmented(s, True, 0) for s in range(10)])

@@ -84,12 +84,17 @@ def make_layout(id_sets: list[ShardSet], seq_sets: list[ShardSet]) -> LabelLayou
 # --------------------------------------------------------------------------- augmentation
 
 
-def augment_batch(batch: np.ndarray, rng: random.Random, flip: bool, crop_pad: int) -> None:
+def augment_batch(batch: np.ndarray, mirror: list[bool], rng: random.Random,
+                  crop_pad: int) -> None:
     """In place, image by image of a uint8 B x H x W x C batch: a random crop of the image
-    padded by ``crop_pad`` zeros, then a horizontal flip with probability 1/2."""
-    h, w = batch.shape[1:3]
-    images = torch.from_numpy(batch)
-    for i in range(len(batch)):
+    padded by ``crop_pad`` zeros, then a horizontal flip where ``mirror`` says so.
+
+    Mirrored images must arrive with their channels reversed (decoded as BGR): reversing
+    each row's bytes then flips the pixels and restores RGB in one pass, which torch does
+    ~2x faster than flipping the pixel axis of H x W x 3 (numpy: ~15x slower)."""
+    n, h, w, c = batch.shape
+    rows = torch.from_numpy(batch).view(n, h, w * c)
+    for i in range(n):
         if crop_pad > 0:
             img = batch[i].copy()
             dy = rng.randint(0, 2 * crop_pad) - crop_pad
@@ -98,10 +103,8 @@ def augment_batch(batch: np.ndarray, rng: random.Random, flip: bool, crop_pad: i
             if abs(dy) < h and abs(dx) < w:
                 batch[i, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
                     img[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
-        if flip and rng.random() < 0.5:
-            # numpy copies a reversed H x W x 3 array 3 bytes at a time (~100 us at 112x112,
-            # as long as the decode); torch's flip takes ~12 us.
-            images[i] = images[i].flip(1)
+        if mirror[i]:
+            rows[i] = rows[i].flip(1)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -237,19 +240,19 @@ class MixedBatches(IterableDataset):
             else:
                 slot = out = np.empty(shape, np.uint8)
             centers = np.empty(p.batch_size, np.int64)
+            mirror = [p.flip and aug.random() < 0.5 for _ in range(p.batch_size)]
             for it, rows in fills:
                 todo = list(rows)
                 while todo:  # rows whose sample did not decode get the next one; counted
-                    # All decodes of a batch in one loop: the decoder stays in the caches
-                    # (measured ~15 % faster than decoding between parsing samples).
+                    # All decodes of a batch in one loop: the decoder stays in the caches.
                     samples = [(i, next(it)) for i in todo]
                     todo = []
                     for i, (center, jpg, key, url) in samples:
-                        if reader.decode(url, jpg, key, out[i]) is None:
+                        if reader.decode(url, jpg, key, out[i], bgr=mirror[i]) is None:
                             todo.append(i)
                         else:
                             centers[i] = center
-            augment_batch(out, aug, p.flip, p.crop_pad)
+            augment_batch(out, mirror, aug, p.crop_pad)
             yield slot, centers, w, counters.snapshot()
 
 
