@@ -284,30 +284,47 @@ def test_stopping_early_then_a_full_pass(tmp_path):
     assert sum(1 for _ in loader) == len(loader) >= 15
 
 
-def test_batch_ring_worker_waits_for_a_free_slot_until_taken_or_unblocked():
-    import queue
+def test_batch_ring_lends_slots_until_every_view_is_gone_then_copies():
+    import gc
     import threading
 
     from seqface_dist.data.batchring import BatchRing
 
-    ring = BatchRing(1, 2, (1, 2, 2, 1))
-    for k in range(2):
-        ring.claim(0, k)[1][...] = k + 1
-    got: queue.Queue = queue.Queue()
-    waiter = threading.Thread(target=lambda: got.put(ring.claim(0, 2)))
-    waiter.start()
-    waiter.join(0.3)
+    ring = BatchRing(1, 2, (1, 2, 2, 1), lend=1)
+
+    def fill(value: int) -> None:
+        slot, view = ring.claim(0)
+        view[...] = value
+        slots.append(slot)
+
+    slots: list[int] = []
+
+    def blocked() -> threading.Thread:
+        t = threading.Thread(target=fill, args=(9,))
+        t.start()
+        t.join(0.3)
+        return t
+
+    fill(1)
+    fill(2)
+    waiter = blocked()
     assert waiter.is_alive()  # both slots hold batches the main process has not taken
-    assert ring.take(0, 0).flatten().tolist() == [1] * 4
-    waiter.join(10)
-    slot, view = got.get_nowait()
-    assert slot == 0 and view.shape == (1, 2, 2, 1)
-    view[...] = 3
-    assert ring.take(0, 1).flatten().tolist() == [2] * 4  # slot 1 untouched by the reuse
-    ring.claim(0, 3)
-    waiter = threading.Thread(target=lambda: ring.claim(0, 4))
-    waiter.start()
+    lent = ring.take(0, 0)
+    part = lent[0, 1:].permute(1, 0, 2)  # a view the caller keeps
+    del lent
+    gc.collect()
     waiter.join(0.3)
+    assert waiter.is_alive()  # the slot is still in use through the view
+    copied = ring.take(0, 1)  # one batch already lent: this one is a copy, slot 1 freed
+    waiter.join(10)
+    assert not waiter.is_alive() and slots == [0, 1, 1]  # batch 2 went to the freed slot
+    assert copied.flatten().tolist() == [2] * 4 and part.flatten().tolist() == [1] * 2
+    waiter = blocked()
+    assert waiter.is_alive()
+    del part
+    waiter.join(10)  # the last view of the lent batch is gone: slot 0 is free
+    assert not waiter.is_alive() and slots[-1] == 0
+    waiter = blocked()
     assert waiter.is_alive()
     ring.unblock()  # the main process stopped reading: the worker must not hang
     waiter.join(10)

@@ -234,9 +234,9 @@ class MixedBatches(IterableDataset):
                 fills.append((self._stream(refs, kind, reader, w, nw), range(row, row + per)))
                 row += per
         shape = (p.batch_size, *p.image_size, p.channels)
-        for k in range(p.quota(w, self.epoch)):
+        for _ in range(p.quota(w, self.epoch)):
             if self.ring is not None:
-                slot, out = self.ring.claim(w, k)
+                slot, out = self.ring.claim(w)
             else:
                 slot = out = np.empty(shape, np.uint8)
             centers = np.empty(p.batch_size, np.int64)
