@@ -1,0 +1,94 @@
+"""Batch handoff from DataLoader workers to the trainer: what each way costs per sample.
+
+    .venv/bin/python bench/bench_handoff.py [--batches 600] [--workers 2]
+
+Workers that do no decoding (they fill each batch with one value) hand 64 x 112 x 112 x 3
+batches to the main process in four ways; per way, samples/s and the main process's CPU
+share while it receives (psutil). Figures, not asserts:
+- ``fresh float32``: a new normalised float tensor per batch (the loader before the ring);
+- ``fresh uint8``: a new uint8 tensor per batch; the DataLoader's pickler moves each to a
+  new shared-memory segment (page faults) and passes its file descriptor over a socket;
+- ``ring, copy``: :class:`BatchRing` slots, the main process copies each batch out;
+- ``ring, lend``: :class:`BatchRing` slots lent to the caller until it drops the batch
+  (what ``TrainLoader`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import psutil
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from seqface_dist.data.batchring import BatchRing  # noqa: E402
+
+SHAPE = (64, 112, 112, 3)
+
+
+class Fill(IterableDataset):
+    def __init__(self, way: str, batches: int, ring: BatchRing | None):
+        self.way, self.batches, self.ring = way, batches, ring
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, nw = info.id, info.num_workers
+        for k in range(self.batches // nw):
+            if self.ring is not None:
+                slot, out = self.ring.claim(w)
+                out.fill(k % 251)
+                yield w, slot
+            elif self.way == "fresh float32":
+                yield w, torch.full(SHAPE[:1] + (3, *SHAPE[1:3]), (k % 251 - 127.5) / 128)
+            else:
+                yield w, torch.full(SHAPE, k % 251, dtype=torch.uint8)
+
+
+def _as_is(item):
+    return item
+
+
+def measure(way: str, batches: int, workers: int, lend: int) -> tuple[float, float]:
+    ring = BatchRing(workers, 6, SHAPE, lend=lend) if way.startswith("ring") else None
+    loader = DataLoader(Fill(way, batches, ring), batch_size=None, num_workers=workers,
+                        prefetch_factor=4, collate_fn=_as_is)
+    me = psutil.Process()
+    it = iter(loader)
+    next(it)
+    cpu0, t0 = me.cpu_times(), time.perf_counter()
+    n = 0
+    for w, item in it:
+        images = ring.take(w, item) if ring is not None else item
+        n += images.shape[0]
+        del images
+    dt = time.perf_counter() - t0
+    cpu1 = me.cpu_times()
+    if ring is not None:
+        ring.unblock()
+    main = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / dt
+    return n / dt, main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, default=600)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"{args.workers} workers, batches of {'x'.join(map(str, SHAPE))} uint8 "
+          f"({np.prod(SHAPE) / 1e6:.1f} MB), {args.batches} batches per way")
+    for way, lend in (("fresh float32", 0), ("fresh uint8", 0), ("ring, copy", 0),
+                      ("ring, lend", 2)):
+        rate, main_cpu = measure(way, args.batches, args.workers, lend)
+        print(f"{way:14s}: {rate:8.0f} samples/s, main process {main_cpu:.2f} CPU "
+              f"({main_cpu / rate * 1e6:.1f} us of main CPU per sample)")
+
+
+if __name__ == "__main__":
+    main()
