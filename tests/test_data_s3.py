@@ -76,6 +76,23 @@ def test_connections_cut_mid_object_lose_and_repeat_nothing(s3_sets):
     assert len(keys) == 96 and set(keys.values()) == {1}
 
 
+def test_throttling_503s_and_cuts_lose_and_repeat_nothing(s3_sets):
+    with CuttingProxy(s3_sets, cut_after=20_000, throttle_every=4) as proxy:
+        got = collect("s3://bucket/ids", 0, 1, 2, endpoint=proxy.url)
+        assert proxy.throttled >= 4 and proxy.cuts >= 8
+    keys = Counter((s["url"], s["key"]) for s in got)
+    assert len(keys) == 96 and set(keys.values()) == {1}
+
+
+def test_throttling_beyond_botocore_retries_is_retried_by_the_reader(s3_sets):
+    # The first read (the manifest) meets 6 throttled connections in a row: botocore gives
+    # up after 5 attempts and the reader's own backoff must carry it through.
+    with CuttingProxy(s3_sets, None, throttle_every=10**6, throttle_run=6) as proxy:
+        got = collect("s3://bucket/ids", 0, 1, 2, endpoint=proxy.url)
+        assert proxy.throttled == 6
+    assert len({(s["url"], s["key"]) for s in got}) == len(got) == 96
+
+
 def test_range_reader_resumes_and_counts_reopens(s3_sets):
     data = os.urandom(300_000)
     store.write_bytes("s3://bucket/blob", data)

@@ -49,15 +49,27 @@ def local_s3(*buckets: str) -> Iterator[str]:
         server.stop()
 
 
+_SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+              b"<Message>Please reduce your request rate.</Message></Error>")
+
+
 class CuttingProxy:
     """A TCP proxy on loopback that resets every connection after ``cut_after`` bytes
-    flowed back to the client (None: never). ``cuts`` counts the resets."""
+    flowed back to the client (None: never). ``cuts`` counts the resets.
 
-    def __init__(self, target_url: str, cut_after: int | None):
+    With ``throttle_every`` = k, of every k new connections the first ``throttle_run`` get
+    S3's throttling answer (HTTP 503 SlowDown) to their first request and are closed;
+    ``throttled`` counts them. A run longer than botocore's own retries (5 attempts) makes
+    the error reach the caller's retry loop."""
+
+    def __init__(self, target_url: str, cut_after: int | None, throttle_every: int = 0,
+                 throttle_run: int = 1):
         pr = urlparse(target_url)
         self.target = (pr.hostname, pr.port)
         self.cut_after = cut_after
+        self.throttle_every, self.throttle_run = throttle_every, throttle_run
         self.cuts = 0
+        self.throttled = 0
         self.connections = 0
         self._lock = threading.Lock()
         self._sock = socket.socket()
@@ -74,11 +86,33 @@ class CuttingProxy:
                 client, _ = self._sock.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
             with self._lock:
                 self.connections += 1
+                n = self.connections
+            if self.throttle_every and (n - 1) % self.throttle_every < self.throttle_run:
+                threading.Thread(target=self._throttle, args=(client,), daemon=True).start()
+                continue
+            upstream = socket.create_connection(self.target)
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _throttle(self, client: socket.socket) -> None:
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:  # the request line and headers
+                data = client.recv(65536)
+                if not data:
+                    return
+                head += data
+            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+                           % len(_SLOW_DOWN) + _SLOW_DOWN)
+            with self._lock:
+                self.throttled += 1
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
         sent = 0
