@@ -1,0 +1,120 @@
+"""Where a loader worker's CPU goes, per sample: the parts of the pipeline one by one.
+
+    .venv/bin/python bench/bench_loader_parts.py [--samples 4096] [--repeats 3]
+
+One process, the shard sets of ``bench_data.py`` (112x112 JPEGs, 32 identities + 32
+sequences per batch), CPU time per sample (best of ``--repeats``) of each stage alone and of
+the whole worker loop (``MixedBatches`` without DataLoader workers). Whatever the whole
+loop costs beyond the JPEG decode is what keeps the loader below the decode bound.
+Figures, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_data import SIZE, samples  # noqa: E402
+
+from seqface_dist.config import DataConfig  # noqa: E402
+from seqface_dist.data import images, tario  # noqa: E402
+from seqface_dist.data.build import write_shard_set  # noqa: E402
+from seqface_dist.data.loader import MixedBatches, augment_batch, make_train_loader  # noqa: E402
+from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
+from seqface_dist.data.stream import ShardReader, kind_stream, shard_refs  # noqa: E402
+
+
+def cpu_per_item(fn, repeats: int) -> float:
+    """Best CPU microseconds per item of ``fn()``, which returns its item count."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.process_time()
+        n = fn()
+        best = min(best, (time.process_time() - t) / n * 1e6)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=4096, help="per kind")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shard_set(samples(args.samples, 256, 0), f"{tmp}/ids", "identity", max_samples=512)
+        write_shard_set(samples(args.samples, 512, 10**6), f"{tmp}/seqs", "sequence",
+                        max_samples=512)
+        files = sorted(glob.glob(f"{tmp}/*/*.tar"))
+        blobs = []
+        for f in files:
+            with open(f, "rb") as fh:
+                blobs += [s["jpg"] for s in tario.iter_samples(fh, print)]
+        refs = shard_refs([resolve_shard_set(f"{tmp}/ids")], 0)
+
+        def tar() -> int:
+            n = 0
+            for f in files:
+                with open(f, "rb") as fh:
+                    n += sum(1 for _ in tario.iter_samples(fh, print))
+            return n
+
+        def checked() -> int:
+            reader = ShardReader(SIZE, 3)
+            return sum(1 for r in refs for _ in reader.raw_samples(r))
+
+        def stream() -> int:
+            reader = ShardReader(SIZE, 3)
+            return sum(1 for _ in kind_stream(refs, refs, reader.raw_samples, resampled=False,
+                                              endless=False, shuffle_buffer=1000,
+                                              rng=random.Random(0)))
+
+        out = np.empty((*SIZE, 3), np.uint8)
+
+        def decode() -> int:
+            for b in blobs:
+                images.decode_jpeg(b, 3, None, out)
+            return len(blobs)
+
+        batch = np.zeros((64, *SIZE, 3), np.uint8)
+
+        def flip() -> int:
+            for _ in range(50):
+                augment_batch(batch, [True] * 64, random.Random(0), 0)
+            return 50 * 64
+
+        cfg = DataConfig(identity_shards=[f"{tmp}/ids"], sequence_shards=[f"{tmp}/seqs"],
+                         identities_per_batch=32, sequences_per_batch=32, num_workers=0,
+                         resampled=False, shuffle_buffer=1000, flip=True)
+        plan = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3,
+                                 seed=0).plan
+
+        def whole() -> int:
+            return sum(len(b) for b, *_ in MixedBatches(plan, 0))
+
+        r = args.repeats
+        parts = {"tar parsing (2 members)": cpu_per_item(tar, r),
+                 "+ json and label checks": cpu_per_item(checked, r),
+                 "+ shuffle buffer, stream": cpu_per_item(stream, r),
+                 "JPEG decode, tight loop": cpu_per_item(decode, r),
+                 "flip, per mirrored image": cpu_per_item(flip, r)}
+        full = cpu_per_item(whole, r)
+        for name, us in parts.items():
+            print(f"{name:28s} {us:7.1f} us")
+        dec = parts["JPEG decode, tight loop"]
+        print(f"{'whole worker loop':28s} {full:7.1f} us per sample: decode share "
+              f"{dec / full:.2f}, {full - dec:.1f} us beyond the decode")
+
+
+if __name__ == "__main__":
+    main()
