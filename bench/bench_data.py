@@ -75,21 +75,24 @@ def decode_bound(blobs: list[bytes], procs: int, decoder: str, repeat: int) -> f
     return sum(n for n, _ in res) / max(t for _, t in res)
 
 
-def loader_rate(ids: str, seqs: str, workers: int, epochs: int, endpoint: str = "") -> float:
+def loader_rate(ids: str, seqs: str, workers: int, epochs: int,
+                endpoint: str = "") -> tuple[float, float]:
+    """(samples/s, cores the main process used meanwhile; with S3 that includes moto)."""
     cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs], identities_per_batch=32,
                      sequences_per_batch=32, num_workers=workers, resampled=False,
                      shuffle_buffer=1000, flip=True, s3_endpoint_url=endpoint)
     loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3, seed=0)
-    n, t = 0, 0.0
+    n, t, cpu = 0, 0.0, 0.0
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         it = iter(loader)
         first = next(it)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         k = sum(1 for _ in it)
         t += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         n += k * first[0].shape[0]
-    return n / t
+    return n / t, cpu / t
 
 
 def main() -> None:
@@ -136,13 +139,15 @@ def main() -> None:
         local_ratios, s3_ratios = [], []
         for r in range(args.rounds):
             bound = decode_bound(blobs, args.workers, best, args.epochs)
-            local = loader_rate(f"{tmp}/ids", f"{tmp}/seqs", args.workers, args.epochs)
-            s3rate = loader_rate("s3://bench/ids", "s3://bench/seqs", args.workers, args.epochs,
-                                 endpoint)
+            local, main_cpu = loader_rate(f"{tmp}/ids", f"{tmp}/seqs", args.workers,
+                                          args.epochs)
+            s3rate, _ = loader_rate("s3://bench/ids", "s3://bench/seqs", args.workers,
+                                    args.epochs, endpoint)
             local_ratios.append(local / bound)
             s3_ratios.append(s3rate / local)
             print(f"round {r + 1}: decode bound {bound:6.0f} images/s ({args.workers} processes, "
-                  f"{best}); loader local {local:6.0f}, S3 {s3rate:6.0f} samples/s "
+                  f"{best}); loader local {local:6.0f} (main process {main_cpu:.2f} cores), "
+                  f"S3 {s3rate:6.0f} samples/s "
                   f"({args.workers} DataLoader workers; S3 = moto on loopback); "
                   f"local/bound {local / bound:.2f}, S3/local {s3rate / local:.2f}")
         print(f"median over {args.rounds} rounds: local / decode bound = "
