@@ -116,6 +116,24 @@ def test_every_kind_of_bad_sample_is_skipped_counted_and_logged_once_per_shard(d
         "s-1.tar", "s-2.tar", "s-3.tar", "s-4-missing.tar"]
 
 
+def test_decode_into_a_batch_row_tells_bad_from_wrong_size():
+    from seqface_dist.data.images import ImageError, decode_jpeg
+
+    out = np.zeros((*SIZE, 3), np.uint8)
+    good_jpg = jpg(1)
+    assert np.shares_memory(decode_jpeg(good_jpg, 3, "simplejpeg", out), out)
+    assert np.array_equal(out, decode_jpeg(good_jpg, 3, "simplejpeg"))
+    bgr = decode_jpeg(good_jpg, 3, "simplejpeg", bgr=True)
+    assert np.array_equal(bgr, out[:, :, ::-1])
+    assert decode_jpeg(jpg(2, (20, 16)), 3, "simplejpeg", out).shape == (20, 16, 3)  # too big
+    assert decode_jpeg(jpg(2, (8, 8)), 3, "simplejpeg", out).shape == (8, 8, 3)  # too small
+    with pytest.raises(ImageError):  # a valid header of the right size, data cut short
+        decode_jpeg(good_jpg[: len(good_jpg) // 2], 3, "simplejpeg", out)
+    for decoder in ("pil", "simplejpeg"):
+        with pytest.raises(ImageError):
+            decode_jpeg(b"\xff\xd8\xff not a jpeg", 3, decoder, out)
+
+
 def test_counters_reach_the_training_process_from_workers(damaged_set):
     d, expect_good, bad = damaged_set
     cfg = DataConfig(identity_shards=[d], sequence_shards=[], identities_per_batch=1,

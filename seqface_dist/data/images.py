@@ -58,12 +58,13 @@ def decode_jpeg(data: bytes, channels: int, decoder: str | None = None,
     except ImageError:
         raise
     except Exception as e:  # every decoder failure is one kind of bad sample
-        if out is not None and _sj is not None and decoder == "simplejpeg":
-            try:  # a valid JPEG too big for ``out``: report its size, not a decode failure
+        if out is not None and decoder == "simplejpeg":
+            try:
                 h, w = _sj.decode_jpeg_header(data)[:2]
-                return np.empty((h, w, channels), np.uint8)
             except Exception:  # noqa: BLE001 - not even a header: a bad JPEG
-                pass
+                h = w = 0
+            if h * w * channels > out.size:  # valid, but too big for ``out``: say its size
+                return np.empty((h, w, channels), np.uint8)
         raise ImageError(f"cannot decode JPEG: {e}") from None
 
 

@@ -264,7 +264,7 @@ class TrainLoader:
     """Iterates ``len(self)`` batches ``(images, centers)`` per epoch; see the module doc."""
 
     prefetch_factor = 4  # batches in flight per DataLoader worker
-    ring_slots = prefetch_factor + 2  # enough that a worker never waits in steady state
+    ring_slots = prefetch_factor + 2  # + the 2 batches a caller may hold (BatchRing.lend)
 
     def __init__(self, plan: LoaderPlan, layout: LabelLayout, epoch: int = 0):
         self.plan, self.layout, self.epoch = plan, layout, epoch
