@@ -3,7 +3,7 @@
 A DataLoader worker that yields a fresh tensor has it moved to a new shared-memory segment
 by the DataLoader's pickler (page faults) and its file descriptor passed over a socket: with
 64 x 112 x 112 x 3 uint8 batches that caps two workers that do nothing else at ~16k
-samples/s and costs the main process ~24 us of CPU per sample, against ~130k and ~5 us
+samples/s and costs the main process ~24 us of CPU per sample, against ~120k and ~5 us
 through this ring (``bench/bench_handoff.py``; decoding alone is ~130 us per sample). Here
 each worker gets a few slots in one shared tensor made before the workers start, fills a
 free one and sends only its number.

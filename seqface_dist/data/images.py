@@ -37,8 +37,8 @@ def decode_jpeg(data: bytes, channels: int, decoder: str | None = None,
     """JPEG bytes -> uint8 array H x W x channels (1 or 3; BGR order with ``bgr``).
     Raises ImageError.
 
-    With ``out`` (a writable uint8 array), simplejpeg decodes into its memory: ~15 % faster
-    than into a new array, and no copy into a batch afterwards. The result is then a view of
+    With ``out`` (a writable uint8 array), simplejpeg decodes into its memory: no new array
+    and no copy into a batch afterwards. The result is then a view of
     ``out`` shaped like the image, which may differ from ``out``'s shape: check it."""
     decoder = decoder or decoder_name()
     try:
