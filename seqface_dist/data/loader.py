@@ -16,7 +16,9 @@ Each batch holds ``identities_per_batch`` identity samples then ``sequences_per_
 sequence samples (DESIGN.md §2.3), decoded, flipped/cropped at random, as uint8: the
 trainer normalises on its device (``normalize``), which moves a quarter of the bytes
 between processes and keeps the float work off the loader's CPUs. DataLoader workers
-decode straight into shared-memory batch slots (:mod:`batchring`).
+decode straight into shared-memory batch slots (:mod:`batchring`); a batch stays valid as
+long as the caller holds it (its slot is lent until then; batches held beyond two per
+worker are copies).
 
 Batches per epoch are decided up front from the manifests, identically on every rank, and
 every DataLoader worker is given a quota it always meets, so no rank can run out first
