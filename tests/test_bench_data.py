@@ -46,3 +46,10 @@ def test_bench_loader_parts_prints_each_stage():
         assert len(us) == 1 and float(us[0]) > 0, (stage, out)
     share = re.findall(r"decode share (\S+),", out)
     assert len(share) == 1 and 0 < float(share[0]) <= 1.05, out
+
+
+def test_bench_loader_ceiling_prints_each_variant():
+    out = run("bench_loader_ceiling.py", "--samples", "256", "--rounds", "1")
+    med = re.findall(r"median over 1 rounds: real (\S+), pre-parsed (\S+), "
+                     r"pre-parsed, no flip (\S+)$", out, re.M)
+    assert len(med) == 1 and all(float(x) > 0 for x in med[0]), out

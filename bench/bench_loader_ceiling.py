@@ -1,0 +1,92 @@
+"""How close to the decode bound the loader could get with parts of its work removed.
+
+    .venv/bin/python bench/bench_loader_ceiling.py [--samples 4096] [--rounds 5]
+
+The local loader of ``bench_data.py`` (2 DataLoader workers) against the 2-process decode
+bound, in rounds measured back to back, in three variants:
+- ``real``: as shipped;
+- ``pre-parsed``: every shard's samples (tar members, JSON and label checks) parsed into
+  memory before the workers start, so tar and JSON cost nothing: the ceiling of any
+  faster tar/JSON code;
+- ``pre-parsed, no flip``: the same without the random flip: what is left is the shuffle
+  buffer, decoding into the batch and the DataLoader handoff.
+Prints each round and the medians of the per-round ratios. Figures, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_data import SIZE, decode_bound, samples  # noqa: E402
+
+from seqface_dist.config import DataConfig  # noqa: E402
+from seqface_dist.data import images, stream, tario  # noqa: E402
+from seqface_dist.data.build import write_shard_set  # noqa: E402
+from seqface_dist.data.loader import make_train_loader  # noqa: E402
+from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
+
+
+def rate(ids: str, seqs: str, flip: bool, epochs: int = 2) -> float:
+    cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs], identities_per_batch=32,
+                     sequences_per_batch=32, num_workers=2, resampled=False,
+                     shuffle_buffer=1000, flip=flip)
+    loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3, seed=0)
+    n, t = 0, 0.0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        first = next(it)
+        t0 = time.perf_counter()
+        n += sum(1 for _ in it) * first[0].shape[0]
+        t += time.perf_counter() - t0
+    return n / t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=4096, help="per kind")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, seqs = f"{tmp}/ids", f"{tmp}/seqs"
+        write_shard_set(samples(args.samples, 256, 0), ids, "identity", max_samples=512)
+        write_shard_set(samples(args.samples, 512, 10**6), seqs, "sequence", max_samples=512)
+        blobs = []
+        for f in sorted(glob.glob(f"{tmp}/*/*.tar")):
+            with open(f, "rb") as fh:
+                blobs += [s["jpg"] for s in tario.iter_samples(fh, print)]
+        real = stream.ShardReader.raw_samples
+        parsed = {}  # url -> checked samples, made before any worker forks
+        for spec in (ids, seqs):
+            for ref in stream.shard_refs([resolve_shard_set(spec)], 0):
+                parsed[ref.url] = list(real(stream.ShardReader(SIZE, 3), ref))
+
+        def pre_parsed(self, ref):
+            self.counters.shards += 1
+            yield from parsed[ref.url]
+
+        ratios: dict[str, list[float]] = {"real": [], "pre-parsed": [],
+                                          "pre-parsed, no flip": []}
+        for r in range(args.rounds):
+            bound = decode_bound(blobs, 2, images.decoder_name(), 2)
+            for name, flip in (("real", True), ("pre-parsed", True),
+                               ("pre-parsed, no flip", False)):
+                stream.ShardReader.raw_samples = real if name == "real" else pre_parsed
+                ratios[name].append(rate(ids, seqs, flip) / bound)
+            stream.ShardReader.raw_samples = real
+            print(f"round {r + 1}: decode bound {bound:6.0f} images/s; loader / bound: "
+                  + ", ".join(f"{k} {v[-1]:.2f}" for k, v in ratios.items()), flush=True)
+        print(f"median over {args.rounds} rounds: "
+              + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
