@@ -75,12 +75,12 @@ def decode_bound(blobs: list[bytes], procs: int, decoder: str, repeat: int) -> f
     return sum(n for n, _ in res) / max(t for _, t in res)
 
 
-def loader_rate(ids: str, seqs: str, workers: int, epochs: int,
-                endpoint: str = "") -> tuple[float, float]:
+def loader_rate(ids: str, seqs: str, workers: int, epochs: int, endpoint: str = "",
+                flip: bool = True) -> tuple[float, float]:
     """(samples/s, cores the main process used meanwhile; with S3 that includes moto)."""
     cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs], identities_per_batch=32,
                      sequences_per_batch=32, num_workers=workers, resampled=False,
-                     shuffle_buffer=1000, flip=True, s3_endpoint_url=endpoint)
+                     shuffle_buffer=1000, flip=flip, s3_endpoint_url=endpoint)
     loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3, seed=0)
     n, t, cpu = 0, 0.0, 0.0
     for epoch in range(epochs):

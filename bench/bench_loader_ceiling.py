@@ -21,33 +21,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_data import SIZE, decode_bound, samples  # noqa: E402
+from bench_data import SIZE, decode_bound, loader_rate, samples  # noqa: E402
 
-from seqface_dist.config import DataConfig  # noqa: E402
 from seqface_dist.data import images, stream, tario  # noqa: E402
 from seqface_dist.data.build import write_shard_set  # noqa: E402
-from seqface_dist.data.loader import make_train_loader  # noqa: E402
 from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
-
-
-def rate(ids: str, seqs: str, flip: bool, epochs: int = 2) -> float:
-    cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs], identities_per_batch=32,
-                     sequences_per_batch=32, num_workers=2, resampled=False,
-                     shuffle_buffer=1000, flip=flip)
-    loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3, seed=0)
-    n, t = 0, 0.0
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        it = iter(loader)
-        first = next(it)
-        t0 = time.perf_counter()
-        n += sum(1 for _ in it) * first[0].shape[0]
-        t += time.perf_counter() - t0
-    return n / t
 
 
 def main() -> None:
@@ -80,7 +61,7 @@ def main() -> None:
             for name, flip in (("real", True), ("pre-parsed", True),
                                ("pre-parsed, no flip", False)):
                 stream.ShardReader.raw_samples = real if name == "real" else pre_parsed
-                ratios[name].append(rate(ids, seqs, flip) / bound)
+                ratios[name].append(loader_rate(ids, seqs, 2, 2, flip=flip)[0] / bound)
             stream.ShardReader.raw_samples = real
             print(f"round {r + 1}: decode bound {bound:6.0f} images/s; loader / bound: "
                   + ", ".join(f"{k} {v[-1]:.2f}" for k, v in ratios.items()), flush=True)
