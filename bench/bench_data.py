@@ -21,6 +21,7 @@ Figures, not asserts.
 from __future__ import annotations
 
 import argparse
+import glob
 import multiprocessing as mp
 import os
 import statistics
@@ -33,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from seqface_dist.config import DataConfig  # noqa: E402
-from seqface_dist.data import images, s3  # noqa: E402
+from seqface_dist.data import images, s3, tario  # noqa: E402
 from seqface_dist.data.build import write_shard_set  # noqa: E402
 from seqface_dist.data.loader import make_train_loader  # noqa: E402
 from seqface_dist.data.testing import local_s3  # noqa: E402
@@ -54,6 +55,19 @@ def face_like(seed: int, size: tuple[int, int] = SIZE) -> np.ndarray:
 def samples(n: int, classes: int, offset: int):
     for i in range(n):
         yield i % classes, face_like(offset + i)
+
+
+def build_sets(folder: str, n: int) -> tuple[str, str, list[bytes]]:
+    """The benchmark's identity and sequence sets (n samples each, 512 per shard) under
+    ``folder``: (identity folder, sequence folder, every JPEG of both, in shard order)."""
+    ids, seqs = f"{folder}/ids", f"{folder}/seqs"
+    write_shard_set(samples(n, 256, 0), ids, "identity", max_samples=512)
+    write_shard_set(samples(n, 512, 10**6), seqs, "sequence", max_samples=512)
+    blobs = []
+    for shard in sorted(glob.glob(f"{ids}/*.tar")) + sorted(glob.glob(f"{seqs}/*.tar")):
+        with open(shard, "rb") as f:
+            blobs += [s["jpg"] for s in tario.iter_samples(f, print)]
+    return ids, seqs, blobs
 
 
 def decode_loop(args) -> tuple[int, float]:
@@ -110,21 +124,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, local_s3("bench") as endpoint:
         t = time.perf_counter()
-        write_shard_set(samples(args.samples, 256, 0), f"{tmp}/ids", "identity", max_samples=512)
-        write_shard_set(samples(args.samples, 512, 10**6), f"{tmp}/seqs", "sequence",
-                        max_samples=512)
+        ids, seqs, blobs = build_sets(tmp, args.samples)
         for kind in ("ids", "seqs"):  # the same bytes in S3
             for name in os.listdir(f"{tmp}/{kind}"):
                 s3.put_file(f"{tmp}/{kind}/{name}", f"s3://bench/{kind}/{name}")
-        blobs = []
-        import tarfile
-
-        for kind in ("ids", "seqs"):  # every JPEG the loader decodes in an epoch
-            for name in sorted(os.listdir(f"{tmp}/{kind}")):
-                if name.endswith(".tar"):
-                    with tarfile.open(f"{tmp}/{kind}/{name}") as tf:
-                        blobs += [tf.extractfile(m).read() for m in tf
-                                  if m.name.endswith(".jpg")]
         print(f"built 2 x {args.samples} samples of {SIZE[0]}x{SIZE[1]} "
               f"(mean JPEG {np.mean([len(b) for b in blobs]) / 1e3:.1f} kB) "
               f"locally and in S3 in {time.perf_counter() - t:.1f} s")
@@ -139,8 +142,7 @@ def main() -> None:
         local_ratios, s3_ratios = [], []
         for r in range(args.rounds):
             bound = decode_bound(blobs, args.workers, best, args.epochs)
-            local, main_cpu = loader_rate(f"{tmp}/ids", f"{tmp}/seqs", args.workers,
-                                          args.epochs)
+            local, main_cpu = loader_rate(ids, seqs, args.workers, args.epochs)
             s3rate, _ = loader_rate("s3://bench/ids", "s3://bench/seqs", args.workers,
                                     args.epochs, endpoint)
             local_ratios.append(local / bound)

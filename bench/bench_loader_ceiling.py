@@ -16,7 +16,6 @@ Prints each round and the medians of the per-round ratios. Figures, not asserts.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import statistics
 import sys
@@ -24,10 +23,9 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_data import SIZE, decode_bound, loader_rate, samples  # noqa: E402
+from bench_data import SIZE, build_sets, decode_bound, loader_rate  # noqa: E402
 
-from seqface_dist.data import images, stream, tario  # noqa: E402
-from seqface_dist.data.build import write_shard_set  # noqa: E402
+from seqface_dist.data import images, stream  # noqa: E402
 from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
 
 
@@ -37,13 +35,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ids, seqs = f"{tmp}/ids", f"{tmp}/seqs"
-        write_shard_set(samples(args.samples, 256, 0), ids, "identity", max_samples=512)
-        write_shard_set(samples(args.samples, 512, 10**6), seqs, "sequence", max_samples=512)
-        blobs = []
-        for f in sorted(glob.glob(f"{tmp}/*/*.tar")):
-            with open(f, "rb") as fh:
-                blobs += [s["jpg"] for s in tario.iter_samples(fh, print)]
+        ids, seqs, blobs = build_sets(tmp, args.samples)
         real = stream.ShardReader.raw_samples
         parsed = {}  # url -> checked samples, made before any worker forks
         for spec in (ids, seqs):

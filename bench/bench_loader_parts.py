@@ -24,11 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_data import SIZE, samples  # noqa: E402
+from bench_data import SIZE, build_sets  # noqa: E402
 
 from seqface_dist.config import DataConfig  # noqa: E402
 from seqface_dist.data import images, tario  # noqa: E402
-from seqface_dist.data.build import write_shard_set  # noqa: E402
 from seqface_dist.data.loader import MixedBatches, augment_batch, make_train_loader  # noqa: E402
 from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
 from seqface_dist.data.stream import ShardReader, kind_stream, shard_refs  # noqa: E402
@@ -52,15 +51,9 @@ def main() -> None:
     torch.set_num_threads(1)  # as in a DataLoader worker
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_shard_set(samples(args.samples, 256, 0), f"{tmp}/ids", "identity", max_samples=512)
-        write_shard_set(samples(args.samples, 512, 10**6), f"{tmp}/seqs", "sequence",
-                        max_samples=512)
+        ids, seqs, blobs = build_sets(tmp, args.samples)
         files = sorted(glob.glob(f"{tmp}/*/*.tar"))
-        blobs = []
-        for f in files:
-            with open(f, "rb") as fh:
-                blobs += [s["jpg"] for s in tario.iter_samples(fh, print)]
-        refs = shard_refs([resolve_shard_set(f"{tmp}/ids")], 0)
+        refs = shard_refs([resolve_shard_set(ids)], 0)
 
         def tar() -> int:
             n = 0
@@ -107,7 +100,7 @@ def main() -> None:
                     batch[i] = batch[i, :, ::-1]
             return 5 * 64
 
-        cfg = DataConfig(identity_shards=[f"{tmp}/ids"], sequence_shards=[f"{tmp}/seqs"],
+        cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs],
                          identities_per_batch=32, sequences_per_batch=32, num_workers=0,
                          resampled=False, shuffle_buffer=1000, flip=True)
         plan = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3,
