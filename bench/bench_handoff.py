@@ -1,18 +1,20 @@
-"""Batch handoff from DataLoader workers to the trainer: what each way costs per sample.
+"""Batch handoff from worker processes to the trainer: what each way costs per sample.
 
     .venv/bin/python bench/bench_handoff.py [--batches 600] [--workers 2]
 
 Workers that do no decoding (they fill each batch with one value) hand 64 x 112 x 112 x 3
-batches to the main process in four ways; per way, samples/s and the main process's CPU
-share while it receives (psutil). Figures, not asserts:
+batches to the main process in several ways; per way, samples/s and the main process's CPU
+share while it receives (psutil). Figures, not asserts. Through a DataLoader:
 - ``fresh float32``: a new normalised float tensor per batch (the loader before the ring);
 - ``fresh uint8``: a new uint8 tensor per batch; the DataLoader's pickler moves each to a
   new shared-memory segment (page faults) and passes its file descriptor over a socket;
 - ``ring, torch clone``: :class:`BatchRing` slots, the main process copies each batch out
   with ``Tensor.clone()`` (wakes torch's intra-op thread pool, which then spins);
 - ``ring, copy``: the same with a numpy copy;
-- ``ring, lend``: :class:`BatchRing` slots lent to the caller until it drops the batch
-  (what ``TrainLoader`` does).
+- ``ring, lend``: :class:`BatchRing` slots lent to the caller until it drops the batch.
+Without one:
+- ``own workers, lend``: :class:`BatchWorkers` make their batches unasked and post each
+  slot through the ring's semaphores, lent as above (what ``TrainLoader`` does).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import psutil
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from seqface_dist.data.batchring import BatchRing  # noqa: E402
+from seqface_dist.data.batchworkers import BatchWorkers  # noqa: E402
 
 SHAPE = (64, 112, 112, 3)
 
@@ -43,7 +47,7 @@ class Fill(IterableDataset):
         w, nw = info.id, info.num_workers
         for k in range(self.batches // nw):
             if self.ring is not None:
-                slot, out = self.ring.claim(w)
+                slot, out, _ = self.ring.claim(w)
                 out.fill(k % 251)
                 yield w, slot
             elif self.way == "fresh float32":
@@ -56,10 +60,21 @@ def _as_is(item):
     return item
 
 
+def _fill(batches: int, worker: int, claim, publish) -> None:
+    for k in range(batches):
+        slot, out, _ = claim()
+        out.fill(k % 251)
+        publish(slot)
+
+
 def measure(way: str, batches: int, workers: int, lend: int) -> tuple[float, float]:
-    ring = BatchRing(workers, 6, SHAPE, lend=lend) if way.startswith("ring") else None
-    loader = DataLoader(Fill(way, batches, ring), batch_size=None, num_workers=workers,
-                        prefetch_factor=4, collate_fn=_as_is)
+    ring = BatchRing(workers, 6, SHAPE, lend=lend) if "ring" in way or "own" in way else None
+    if way.startswith("own"):
+        per_worker = batches // workers
+        loader = pool = BatchWorkers(partial(_fill, per_worker), ring, [per_worker] * workers)
+    else:
+        loader = DataLoader(Fill(way, batches, ring), batch_size=None, num_workers=workers,
+                            prefetch_factor=4, collate_fn=_as_is)
     me = psutil.Process()
     it = iter(loader)
     next(it)
@@ -70,13 +85,15 @@ def measure(way: str, batches: int, workers: int, lend: int) -> tuple[float, flo
             images = ring.images[w, item].clone()
             ring._release(w, item)
         else:
-            images = ring.take(w, item) if ring is not None else item
+            images = ring.take(w, item)[0] if ring is not None else item
         n += images.shape[0]
         del images
     dt = time.perf_counter() - t0
     cpu1 = me.cpu_times()
     if ring is not None:
         ring.unblock()
+    if way.startswith("own"):
+        pool.close()
     main = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / dt
     return n / dt, main
 
@@ -90,7 +107,7 @@ def main() -> None:
     print(f"{args.workers} workers, batches of {'x'.join(map(str, SHAPE))} uint8 "
           f"({np.prod(SHAPE) / 1e6:.1f} MB), {args.batches} batches per way")
     for way, lend in (("fresh float32", 0), ("fresh uint8", 0), ("ring, torch clone", 0),
-                      ("ring, copy", 0), ("ring, lend", 2)):
+                      ("ring, copy", 0), ("ring, lend", 2), ("own workers, lend", 2)):
         rate, main_cpu = measure(way, args.batches, args.workers, lend)
         print(f"{way:17s}: {rate:8.0f} samples/s, main process {main_cpu:.2f} CPU "
               f"({main_cpu / rate * 1e6:.1f} us of main CPU per sample)")

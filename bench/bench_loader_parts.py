@@ -4,7 +4,7 @@
 
 One process, the shard sets of ``bench_data.py`` (112x112 JPEGs, 32 identities + 32
 sequences per batch), CPU time per sample (best of ``--repeats``) of each stage alone and of
-the whole worker loop (``MixedBatches`` without DataLoader workers). Whatever the whole
+the whole worker loop (the train loader run in-process, ``num_workers=0``). Whatever the whole
 loop costs beyond the JPEG decode is what keeps the loader below the decode bound.
 Figures, not asserts.
 """
@@ -28,7 +28,7 @@ from bench_data import SIZE, build_sets  # noqa: E402
 
 from seqface_dist.config import DataConfig  # noqa: E402
 from seqface_dist.data import images, tario  # noqa: E402
-from seqface_dist.data.loader import MixedBatches, augment_batch, make_train_loader  # noqa: E402
+from seqface_dist.data.loader import augment_batch, make_train_loader  # noqa: E402
 from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
 from seqface_dist.data.stream import ShardReader, kind_stream, shard_refs  # noqa: E402
 
@@ -103,11 +103,11 @@ def main() -> None:
         cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs],
                          identities_per_batch=32, sequences_per_batch=32, num_workers=0,
                          resampled=False, shuffle_buffer=1000, flip=True)
-        plan = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3,
-                                 seed=0).plan
+        loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3,
+                                   seed=0)  # num_workers=0: the worker loop runs in-process
 
         def whole() -> int:
-            return sum(len(b) for b, *_ in MixedBatches(plan, 0))
+            return sum(len(images) for images, _ in loader)
 
         r = args.repeats
         parts = {"tar parsing (2 members)": cpu_per_item(tar, r),

@@ -33,7 +33,7 @@ def test_bench_data_prints_every_round_and_the_medians():
 def test_bench_handoff_measures_every_way():
     out = run("bench_handoff.py", "--batches", "40")
     for way in ("fresh float32", "fresh uint8", "ring, torch clone", "ring, copy",
-                "ring, lend"):
+                "ring, lend", "own workers, lend"):
         rate = re.findall(re.escape(way) + r"\s*:\s+(\d+) samples/s", out)
         assert len(rate) == 1 and int(rate[0]) > 0, (way, out)
 

@@ -311,8 +311,14 @@ def test_batch_ring_lends_slots_until_every_view_is_gone_then_copies():
     ring = BatchRing(1, 2, (1, 2, 2, 1), lend=1)
 
     def fill(value: int) -> None:
-        slot, view = ring.claim(0)
-        view[...] = value
+        claimed = ring.claim(0)
+        if claimed is None:  # the main process stopped reading
+            slots.append(None)
+            return
+        slot, images, centers = claimed
+        images[...] = value
+        centers[...] = value
+        ring.publish(0, len(slots), slot)
         slots.append(slot)
 
     slots: list[int] = []
@@ -327,13 +333,15 @@ def test_batch_ring_lends_slots_until_every_view_is_gone_then_copies():
     fill(2)
     waiter = blocked()
     assert waiter.is_alive()  # both slots hold batches the main process has not taken
-    lent = ring.take(0, 0)
+    assert [ring.wait(0, timeout=0) for _ in range(3)] == [0, 1, None]
+    lent, centers = ring.take(0, 0)
+    assert centers.tolist() == [1]
     part = lent[0, 1:].permute(1, 0, 2)  # a view the caller keeps
     del lent
     gc.collect()
     waiter.join(0.3)
     assert waiter.is_alive()  # the slot is still in use through the view
-    copied = ring.take(0, 1)  # one batch already lent: this one is a copy, slot 1 freed
+    copied, _ = ring.take(0, 1)  # one batch already lent: this one is a copy, slot 1 freed
     waiter.join(10)
     assert not waiter.is_alive() and slots == [0, 1, 1]  # batch 2 went to the freed slot
     assert copied.flatten().tolist() == [2] * 4 and part.flatten().tolist() == [1] * 2
@@ -346,4 +354,4 @@ def test_batch_ring_lends_slots_until_every_view_is_gone_then_copies():
     assert waiter.is_alive()
     ring.unblock()  # the main process stopped reading: the worker must not hang
     waiter.join(10)
-    assert not waiter.is_alive()
+    assert not waiter.is_alive() and slots[-1] is None

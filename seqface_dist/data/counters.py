@@ -1,9 +1,9 @@
 """Counters of what the reader did: samples, shards, bytes, and bad samples by reason.
 
-They live in the DataLoader worker that reads; every batch carries a snapshot of its
-worker's counters, and :class:`seqface_dist.data.loader.TrainLoader` sums the latest
-snapshot per worker, so the training process (and its Prometheus metrics) sees totals
-without any extra channel between processes.
+They live in the worker process that reads; after each batch the worker writes them as a
+row of integers into shared memory (:class:`seqface_dist.data.batchring.BatchRing`), and
+:class:`seqface_dist.data.loader.TrainLoader` sums the rows, so the training process (and
+its Prometheus metrics) sees totals without any extra channel between processes.
 
 Bad-sample reasons: ``corrupt_tar``, ``truncated_shard``, ``duplicate_member``,
 ``missing_jpg``, ``missing_json``, ``bad_json``, ``wrong_kind``, ``label_out_of_range``,
@@ -13,6 +13,13 @@ Bad-sample reasons: ``corrupt_tar``, ``truncated_shard``, ``duplicate_member``,
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+
+FIELDS = ("samples", "shards", "bytes", "s3_reopens")
+REASONS = ("corrupt_tar", "truncated_shard", "duplicate_member", "missing_jpg", "missing_json",
+           "bad_json", "wrong_kind", "label_out_of_range", "bad_jpeg", "bad_image_size",
+           "shard_open_error", "shard_read_error")
+ROW_WIDTH = len(FIELDS) + len(REASONS)
 
 
 class DataCounters:
@@ -27,10 +34,27 @@ class DataCounters:
         return {"samples": self.samples, "shards": self.shards, "bytes": self.bytes,
                 "s3_reopens": self.s3_reopens, "bad": dict(self.bad)}
 
+    def row(self) -> list[int]:
+        """The counters as ``ROW_WIDTH`` integers: FIELDS, then REASONS in order."""
+        unknown = set(self.bad) - set(REASONS)
+        if unknown:
+            raise ValueError(f"bad-sample reasons {sorted(unknown)} are not in "
+                             f"counters.REASONS; add them there")
+        return [self.samples, self.shards, self.bytes, self.s3_reopens,
+                *(self.bad[r] for r in REASONS)]
+
+    @staticmethod
+    def from_row(row: Sequence[int]) -> dict:
+        """The snapshot that :meth:`row` was made from (reasons that never happened left out)."""
+        row = [int(v) for v in row]
+        out: dict = dict(zip(FIELDS, row, strict=False))
+        out["bad"] = {r: n for r, n in zip(REASONS, row[len(FIELDS):], strict=True) if n}
+        return out
+
     @staticmethod
     def add(a: dict, b: dict) -> dict:
         """Sum two snapshots."""
-        out = {k: a.get(k, 0) + b.get(k, 0) for k in ("samples", "shards", "bytes", "s3_reopens")}
+        out = {k: a.get(k, 0) + b.get(k, 0) for k in FIELDS}
         bad = Counter(a.get("bad", {}))
         bad.update(b.get("bad", {}))
         out["bad"] = dict(bad)

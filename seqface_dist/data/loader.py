@@ -15,18 +15,19 @@
 Each batch holds ``identities_per_batch`` identity samples then ``sequences_per_batch``
 sequence samples (DESIGN.md §2.3), decoded, flipped/cropped at random, as uint8: the
 trainer normalises on its device (``normalize``), which moves a quarter of the bytes
-between processes and keeps the float work off the loader's CPUs. DataLoader workers
-decode straight into shared-memory batch slots (:mod:`batchring`); a batch stays valid as
-long as the caller holds it (its slot is lent until then; batches held beyond two per
-worker are copies).
+between processes and keeps the float work off the loader's CPUs. ``data.num_workers``
+worker processes (:mod:`batchworkers`; 0: the calling process) decode straight into
+shared-memory batch slots (:mod:`batchring`); a batch stays valid as long as the caller
+holds it (its slot is lent until then; batches held beyond two per worker are copies).
 
 Batches per epoch are decided up front from the manifests, identically on every rank, and
-every DataLoader worker is given a quota it always meets, so no rank can run out first
-and hang the others at the epoch end:
+every worker is given a quota it always meets, so no rank can run out first and hang the
+others at the epoch end:
 - resampled (``data.resampled``): ``samples_per_epoch // batch`` batches (default: all
   samples of all sets / world size), each worker drawing shards with replacement;
 - non-resampled: each rank's share of shards, cut to the smallest rank's batch count;
   a worker whose shards turn out to hold bad samples tops up with extra draws.
+Batches come round robin from the workers that still have batches to make.
 
 For exact once-per-epoch reading of samples (no mixing) use :class:`SampleStream`.
 """
@@ -34,16 +35,18 @@ For exact once-per-epoch reading of samples (no mixing) use :class:`SampleStream
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from seqface_dist.data import s3
 from seqface_dist.data.batchring import BatchRing
-from seqface_dist.data.counters import DataCounters
+from seqface_dist.data.batchworkers import BatchWorkers
+from seqface_dist.data.counters import ROW_WIDTH, DataCounters
 from seqface_dist.data.manifest import ShardSet, resolve_shard_set
 from seqface_dist.data.stream import ShardReader, ShardRef, assign_shards, kind_stream, shard_refs
 
@@ -126,7 +129,7 @@ def to_tensor(batch: list[np.ndarray]) -> torch.Tensor:
 
 @dataclass
 class LoaderPlan:
-    """Everything a DataLoader worker needs (plain data: it is pickled to workers)."""
+    """Everything a batch worker needs (plain data: it may be pickled to workers)."""
 
     id_refs: list[ShardRef]
     seq_refs: list[ShardRef]
@@ -151,7 +154,7 @@ class LoaderPlan:
 
     @property
     def splits(self) -> int:
-        """Readers per rank: the DataLoader workers, or the main process when there are none."""
+        """Readers per rank: the worker processes, or the main process when there are none."""
         return max(1, self.num_workers)
 
     def _caps(self, rank: int, epoch: int) -> list[int]:
@@ -177,7 +180,7 @@ class LoaderPlan:
         return min(sum(self._caps(r, epoch)) for r in range(self.world_size))
 
     def quota(self, worker: int, epoch: int) -> int:
-        """Batches this rank's DataLoader worker ``worker`` makes (they add to num_batches)."""
+        """Batches this rank's worker ``worker`` makes (they add up to num_batches)."""
         n = self.num_batches(epoch)
         if self.resampled:
             return n // self.splits + (worker < n % self.splits)
@@ -204,45 +207,42 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-class MixedBatches(IterableDataset):
-    """Yields ``(batch, centers, worker_id, counters_snapshot)`` (see TrainLoader): ``batch``
-    is a slot number of ``ring`` in a DataLoader worker, the uint8 array itself without one."""
+# claim() -> (token, writable B x H x W x C uint8 images, B int64 centers), or None: stop.
+Claim = Callable[[], "tuple[object, np.ndarray, np.ndarray] | None"]
 
-    def __init__(self, plan: LoaderPlan, epoch: int = 0, ring: BatchRing | None = None):
-        self.plan, self.epoch, self.ring = plan, epoch, ring
 
-    def _stream(self, refs: list[ShardRef], kind: str, reader: ShardReader, w: int,
-                nw: int) -> Iterator:
+class MixedBatches:
+    """Makes the batches of one pass (``plan``, ``epoch``) that one worker is due."""
+
+    def __init__(self, plan: LoaderPlan, epoch: int = 0):
+        self.plan, self.epoch = plan, epoch
+
+    def _stream(self, refs: list[ShardRef], kind: str, reader: ShardReader,
+                worker: int) -> Iterator:
         p = self.plan
-        rng = random.Random(f"{kind}/{p.seed}/{self.epoch}/{p.rank}/{w}")
-        mine = assign_shards(refs, p.rank, p.world_size, w, nw, p.seed, self.epoch)
+        rng = random.Random(f"{kind}/{p.seed}/{self.epoch}/{p.rank}/{worker}")
+        mine = assign_shards(refs, p.rank, p.world_size, worker, p.splits, p.seed, self.epoch)
         return kind_stream(refs, mine, reader.raw_samples, resampled=p.resampled, endless=True,
                            shuffle_buffer=p.shuffle_buffer, rng=rng)
 
-    def __iter__(self):
+    def batches(self, worker: int, counters: DataCounters, claim: Claim) -> Iterator[object]:
+        """Fills ``plan.quota(worker, epoch)`` batches, each where ``claim()`` says, and
+        yields each one's token once it is filled; stops early if ``claim()`` gives None."""
         p = self.plan
-        w, nw = _worker()
-        if nw != p.splits:
-            raise RuntimeError(f"plan made for {p.splits} readers, running in {nw}")
-        if (self.ring is None) != (get_worker_info() is None):
-            raise RuntimeError("a batch ring is for DataLoader workers, and they need one")
-        counters = DataCounters()
         reader = ShardReader(p.image_size, p.channels, p.endpoint_url, counters)
-        aug = random.Random(f"augment/{p.seed}/{self.epoch}/{p.rank}/{w}")
+        aug = random.Random(f"augment/{p.seed}/{self.epoch}/{p.rank}/{worker}")
         fills = []  # (stream, rows of the batch it fills)
         row = 0
         for refs, kind, per in ((p.id_refs, "identity", p.ids_per_batch),
                                 (p.seq_refs, "sequence", p.seqs_per_batch)):
             if per:
-                fills.append((self._stream(refs, kind, reader, w, nw), range(row, row + per)))
+                fills.append((self._stream(refs, kind, reader, worker), range(row, row + per)))
                 row += per
-        shape = (p.batch_size, *p.image_size, p.channels)
-        for _ in range(p.quota(w, self.epoch)):
-            if self.ring is not None:
-                slot, out = self.ring.claim(w)
-            else:
-                slot = out = np.empty(shape, np.uint8)
-            centers = np.empty(p.batch_size, np.int64)
+        for _ in range(p.quota(worker, self.epoch)):
+            claimed = claim()
+            if claimed is None:
+                return
+            token, out, centers = claimed
             mirror = [p.flip and aug.random() < 0.5 for _ in range(p.batch_size)]
             for it, rows in fills:
                 todo = list(rows)
@@ -256,23 +256,26 @@ class MixedBatches(IterableDataset):
                         else:
                             centers[i] = center
             augment_batch(out, mirror, aug, p.crop_pad)
-            yield slot, centers, w, counters.snapshot()
+            yield token
 
 
-def _as_is(item):
-    return item  # the DataLoader would turn numpy arrays into tensors: shared memory each
+def _make_into_ring(plan: LoaderPlan, epoch: int, worker: int, claim: Claim,
+                    publish: Callable[[object, list[int]], None]) -> None:
+    """A batch worker's whole job (see ``batchworkers.MakeBatches``)."""
+    counters = DataCounters()
+    for slot in MixedBatches(plan, epoch).batches(worker, counters, claim):
+        publish(slot, counters.row())
 
 
 class TrainLoader:
     """Iterates ``len(self)`` batches ``(images, centers)`` per epoch; see the module doc."""
 
-    prefetch_factor = 4  # batches in flight per DataLoader worker
-    ring_slots = prefetch_factor + 2  # + the 2 batches a caller may hold (BatchRing.lend)
+    ring_slots = 6  # per worker: 4 batches made ahead + the 2 a caller may hold (lend)
 
     def __init__(self, plan: LoaderPlan, layout: LabelLayout, epoch: int = 0):
         self.plan, self.layout, self.epoch = plan, layout, epoch
-        self._done = DataCounters.empty()  # finished epochs
-        self._live: dict[int, dict] = {}  # latest snapshot per worker, this epoch
+        self._done = DataCounters.empty()  # finished passes
+        self._live = lambda: []  # snapshots of the pass under way, one per worker
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -285,35 +288,44 @@ class TrainLoader:
         return self.plan.num_batches(self.epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        p, nw = self.plan, self.plan.num_workers
-        # A ring per pass: its workers are started (forked) with it and gone when it ends.
-        ring = (BatchRing(nw, self.ring_slots, (p.batch_size, *p.image_size, p.channels))
-                if nw else None)
-        batches = DataLoader(MixedBatches(p, self.epoch, ring), batch_size=None,
-                             collate_fn=_as_is, num_workers=nw,
-                             worker_init_fn=_init_worker if nw else None,
-                             prefetch_factor=self.prefetch_factor if nw else None)
+        p = self.plan
         try:
-            for batch, centers, w, snap in batches:
-                self._live[w] = snap
-                images = ring.take(w, batch) if ring is not None else torch.from_numpy(batch)
-                yield images, torch.from_numpy(centers)
+            yield from (self._in_workers() if p.num_workers else self._in_process())
         finally:
-            if ring is not None:
-                ring.unblock()  # workers waiting for a slot see the shutdown
-            for snap in self._live.values():
+            for snap in self._live():
                 self._done = DataCounters.add(self._done, snap)
-            self._live = {}
+            self._live = lambda: []
+
+    def _in_process(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        p = self.plan
+        counters = DataCounters()
+        self._live = lambda: [counters.snapshot()]
+
+        def claim():
+            images = np.empty((p.batch_size, *p.image_size, p.channels), np.uint8)
+            centers = np.empty(p.batch_size, np.int64)
+            return (images, centers), images, centers
+
+        for images, centers in MixedBatches(p, self.epoch).batches(0, counters, claim):
+            yield torch.from_numpy(images), torch.from_numpy(centers)
+
+    def _in_workers(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        p = self.plan
+        # A ring per pass: its workers are started with it and gone when the pass ends.
+        ring = BatchRing(p.num_workers, self.ring_slots,
+                         (p.batch_size, *p.image_size, p.channels), stats_width=ROW_WIDTH)
+        stats = ring.stats.numpy()
+        self._live = lambda: [DataCounters.from_row(row) for row in stats]
+        quotas = [p.quota(w, self.epoch) for w in range(p.num_workers)]
+        with BatchWorkers(partial(_make_into_ring, p, self.epoch), ring, quotas) as workers:
+            for w, slot in workers:
+                yield ring.take(w, slot)
 
     def counters(self) -> dict:
         total = self._done
-        for snap in self._live.values():
+        for snap in self._live():
             total = DataCounters.add(total, snap)
         return total
-
-
-def _init_worker(_: int) -> None:
-    torch.set_num_threads(1)  # workers decode; intra-op threads would only contend
 
 
 def make_train_loader(data_cfg, *, rank: int, world_size: int, image_size: tuple[int, int],
