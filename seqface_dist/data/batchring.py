@@ -37,11 +37,12 @@ class BatchRing:
     ``workers`` workers, and a row of ``stats_width`` int64 counters per worker."""
 
     def __init__(self, workers: int, slots: int, shape: tuple[int, ...], lend: int = 2,
-                 stats_width: int = 1, ctx=multiprocessing):
+                 stats_width: int = 1, ctx: multiprocessing.context.BaseContext | None = None):
+        ctx = ctx or multiprocessing.get_context()
         if workers < 1 or not 0 <= lend < slots:
             raise ValueError(f"a batch ring needs workers >= 1 and 0 <= lend < slots, got "
                              f"workers={workers}, slots={slots}, lend={lend}")
-        self.slots, self.lend = slots, lend
+        self.slots, self.lend, self.ctx = slots, lend, ctx
         self.images = torch.empty((workers, slots, *shape), dtype=torch.uint8).share_memory_()
         self.centers = torch.empty((workers, slots, shape[0]), dtype=torch.int64).share_memory_()
         self.busy = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()

@@ -15,7 +15,6 @@ one intra-op thread.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import traceback
@@ -67,9 +66,8 @@ class BatchWorkers:
     Iterate to get ``(worker, slot)`` round robin over the workers that have batches left;
     :meth:`close` (or leaving a ``with`` block) stops them."""
 
-    def __init__(self, make: MakeBatches, ring: BatchRing, quotas: list[int],
-                 ctx: multiprocessing.context.BaseContext | None = None):
-        ctx = ctx or multiprocessing.get_context()
+    def __init__(self, make: MakeBatches, ring: BatchRing, quotas: list[int]):
+        ctx = ring.ctx  # the ring's semaphores only cross to processes of its own context
         self.ring, self.quotas = ring, list(quotas)
         self._errors = ctx.SimpleQueue()
         self._procs = [ctx.Process(target=_worker_main, name=f"seqface-batches-{w}",
