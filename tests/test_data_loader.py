@@ -220,17 +220,19 @@ def test_two_sequence_sets_are_concatenated_with_offsets(tmp_path):
     assert seq_centers == sorted([3 + k % 3 for k in range(6)] + [6 + k % 3 for k in range(6)])
 
 
-def test_normalise_flip_and_crop():
+# Rows of 15 bytes flip through torch, rows of 24 as 8-byte words (augment_batch).
+@pytest.mark.parametrize("h, w", [(6, 5), (6, 8)])
+def test_normalise_flip_and_crop(h, w):
     import random
 
     import torch
 
     from seqface_dist.data.loader import augment_batch, normalize, to_tensor
 
-    img = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    img = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     x = to_tensor([img, img[:, ::-1]])
     want = (img.astype(np.float64).transpose(2, 0, 1) - 127.5) / 128
-    assert x.dtype == torch.float32 and x.shape == (2, 3, 6, 5)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, h, w)
     assert np.array_equal(x[0].numpy(), want.astype(np.float32))
     assert np.array_equal(x[1].numpy(), want[:, :, ::-1].astype(np.float32))
     assert torch.equal(normalize(torch.from_numpy(np.stack([img, img[:, ::-1]]))), x)
@@ -250,7 +252,7 @@ def test_normalise_flip_and_crop():
         crops = {(y, x_) for y in range(2 * pad + 1) for x_ in range(2 * pad + 1)}
         seen = set()
         for r in np.concatenate([augmented(s, False, pad) for s in range(150)]):
-            at = {(y, x_) for y, x_ in crops if np.array_equal(r, padded[y:y + 6, x_:x_ + 5])}
+            at = {(y, x_) for y, x_ in crops if np.array_equal(r, padded[y:y + h, x_:x_ + w])}
             assert at  # every output is one window of the zero-padded image
             seen |= at
         assert seen == crops if pad == 2 else len(seen) > 100  # and the windows all occur

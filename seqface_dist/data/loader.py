@@ -95,11 +95,10 @@ def augment_batch(batch: np.ndarray, mirror: list[bool], rng: random.Random,
     padded by ``crop_pad`` zeros, then a horizontal flip where ``mirror`` says so.
 
     Mirrored images must arrive with their channels reversed (decoded as BGR): reversing
-    each row's bytes then flips the pixels and restores RGB in one pass, ~1.5x faster than
-    torch flipping the pixel axis of H x W x 3 and ~10x faster than numpy doing it
-    (``bench/bench_loader_parts.py``)."""
+    each row's bytes then flips the pixels and restores RGB in one pass (see
+    :func:`_reverse_rows`)."""
     n, h, w, c = batch.shape
-    rows = torch.from_numpy(batch).view(n, h, w * c)
+    reverse = _reverse_rows(h, w * c)
     for i in range(n):
         if crop_pad > 0:
             img = batch[i].copy()
@@ -110,7 +109,29 @@ def augment_batch(batch: np.ndarray, mirror: list[bool], rng: random.Random,
                 batch[i, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
                     img[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
         if mirror[i]:
-            rows[i] = rows[i].flip(1)
+            reverse(batch[i])
+
+
+def _reverse_rows(h: int, row_bytes: int) -> Callable[[np.ndarray], None]:
+    """A function that reverses the bytes of each row of a contiguous uint8 image in place.
+
+    With rows a multiple of 8 bytes (112 x 3 = 336), the row is reversed as 8-byte words
+    and each word's bytes are swapped (one SIMD pass): 0.65-0.8x the time of torch flipping
+    the bytes, itself ~1.5x faster than torch flipping the pixel axis of H x W x 3 and ~10x
+    faster than numpy doing it (``bench/bench_loader_parts.py``)."""
+    if row_bytes % 8:
+        def reverse(img: np.ndarray) -> None:
+            rows = torch.from_numpy(img).view(h, row_bytes)
+            rows.copy_(rows.flip(1))
+        return reverse
+    tmp = np.empty((h, row_bytes // 8), np.uint64)
+
+    def reverse_words(img: np.ndarray) -> None:
+        words = img.reshape(h, row_bytes).view(np.uint64)
+        np.copyto(tmp, words[:, ::-1])
+        tmp.byteswap(inplace=True)
+        words[...] = tmp
+    return reverse_words
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

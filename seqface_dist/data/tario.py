@@ -49,7 +49,10 @@ class TarWriter:
 def _checksum_ok(block: bytes) -> bool:
     field = block[148:156]
     try:
-        stored = int(field.split(b"\0", 1)[0].strip() or b"-1", 8)
+        if field[6:] == b"\0 ":  # how tarfile and GNU tar write it: the fast path
+            stored = int(field[:6], 8)
+        else:
+            stored = int(field.split(b"\0", 1)[0].strip() or b"-1", 8)
     except ValueError:
         return False
     if not 0 <= stored <= 255 * BLOCK:
