@@ -28,6 +28,7 @@ from bench_data import SIZE, build_sets  # noqa: E402
 
 from seqface_dist.config import DataConfig  # noqa: E402
 from seqface_dist.data import images, tario  # noqa: E402
+from seqface_dist.data.batchworkers import _keep_freed_memory  # noqa: E402
 from seqface_dist.data.loader import augment_batch, make_train_loader  # noqa: E402
 from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
 from seqface_dist.data.stream import ShardReader, kind_stream, shard_refs  # noqa: E402
@@ -47,8 +48,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=4096, help="per kind")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--glibc-malloc-defaults", action="store_true",
+                    help="skip the batch workers' malloc tuning (to measure what it buys)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in a batch worker
+    if not args.glibc_malloc_defaults:
+        _keep_freed_memory()  # as in a batch worker
 
     with tempfile.TemporaryDirectory() as tmp:
         ids, seqs, blobs = build_sets(tmp, args.samples)

@@ -125,8 +125,11 @@ def iter_members(f: BinaryIO, on_problem: Callable[[str, str], None],
                 resyncing = True
             continue
         resyncing = False
-        size = _octal(block[124:136])
-        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        try:
+            size = int(block[124:135], 8)  # the usual "%011o\0"
+        except ValueError:
+            size = _octal(block[124:136])
+        padded = (size + BLOCK - 1) & -BLOCK
         if len(buf) - pos < padded:
             buf, pos = _refill(f, buf, pos, padded, chunk), 0
         got = min(len(buf) - pos, padded)
@@ -152,6 +155,8 @@ def iter_members(f: BinaryIO, on_problem: Callable[[str, str], None],
             continue  # directories, links, ...: not sample data
         if pending_name is not None:
             name, pending_name = pending_name, None
+        elif block[345] == 0:  # no ustar prefix: the usual case, inlined
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         else:
             name = _member_name(block)
         yield name, data
@@ -169,22 +174,25 @@ def split_key(name: str) -> tuple[str, str] | None:
 def iter_samples(f: BinaryIO, on_problem: Callable[[str, str], None]) -> Iterator[dict]:
     """Group consecutive members by key into samples {"__key__": k, ext: bytes, ...}."""
     current: dict | None = None
+    key = None
     for name, data in iter_members(f, on_problem):
-        ke = split_key(name)
+        # split_key, inlined: this runs for every member
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
         if data is None:
             # Cut off mid-member: the sample it belongs to is part of the truncation event;
             # a sample with another key before it is complete.
-            if current is not None and (ke is None or ke[0] != current["__key__"]):
+            if current is not None and (dot <= slash + 1 or name[:dot] != key):
                 yield current
             return
-        if ke is None or ke[0].rsplit("/", 1)[-1].startswith("__"):
+        if dot <= slash + 1 or name.startswith("__", slash + 1):
             continue
-        key, ext = ke
-        if current is not None and current["__key__"] != key:
-            yield current
-            current = None
-        if current is None:
+        if name[:dot] != key:
+            if current is not None:
+                yield current
+            key = name[:dot]
             current = {"__key__": key}
+        ext = name[dot + 1:].lower()
         if ext in current:
             on_problem("duplicate_member", f"{name} appears twice")
             continue
