@@ -17,22 +17,19 @@ Only our own ``jpg``/``json`` handlers run on shard data: nothing is ever unpick
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from seqface_dist.data import images, store, tario
 from seqface_dist.data.counters import DataCounters
 from seqface_dist.data.manifest import ShardSet
 
 log = logging.getLogger(__name__)
-# json.loads(bytes) first sniffs the encoding: ~2 us of a ~140 us per-sample budget. Shards
-# are written as UTF-8, so decode that and parse the text (a bad byte is a bad_json).
-_JSON = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,9 @@ class ShardReader:
             self._problem(ref.url, "missing_json", key)
             return None
         try:
-            meta = _JSON.decode(sample["json"].decode("utf-8"))
+            # orjson: ~5x faster than the json module on these small objects (this runs
+            # per sample); it parses UTF-8 bytes and refuses bad bytes (a bad_json).
+            meta = orjson.loads(sample["json"])
             index = meta["index"]
             kind = meta["kind"]
             if not isinstance(index, int) or isinstance(index, bool):
