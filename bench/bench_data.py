@@ -10,7 +10,7 @@ folder and to S3 on loopback (moto's server), then measures:
   the fastest way (simplejpeg into a reused array, as the loader decodes into its batch);
 - local / S3: samples/s of ``make_train_loader`` batches (32 identities + 32 sequences,
   decoded, flipped, batched as uint8; the trainer normalises on its device) with
-  ``--workers`` DataLoader workers, measured
+  ``--workers`` batch worker processes, measured
   from the first batch to the last (worker start-up excluded).
 Each round measures the bound, local and S3 back to back; the ratios the data-plane issue
 targets (S3 >= 0.9x local, local >= 0.8x the decode bound) are taken within a round and
@@ -150,7 +150,7 @@ def main() -> None:
             print(f"round {r + 1}: decode bound {bound:6.0f} images/s ({args.workers} processes, "
                   f"{best}); loader local {local:6.0f} (main process {main_cpu:.2f} cores), "
                   f"S3 {s3rate:6.0f} samples/s "
-                  f"({args.workers} DataLoader workers; S3 = moto on loopback); "
+                  f"({args.workers} worker processes; S3 = moto on loopback); "
                   f"local/bound {local / bound:.2f}, S3/local {s3rate / local:.2f}")
         print(f"median over {args.rounds} rounds: local / decode bound = "
               f"{statistics.median(local_ratios):.2f} (target >= 0.8; range "

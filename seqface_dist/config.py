@@ -108,7 +108,7 @@ class DataConfig:
     sequence_shards: list[str] = field(default_factory=list)
     identities_per_batch: int = 32  # per worker, reference 32 + 32
     sequences_per_batch: int = 32
-    num_workers: int = 2  # DataLoader workers per training worker
+    num_workers: int = 2  # batch worker processes per training worker (0: in-process)
     shuffle_buffer: int = 1000
     resampled: bool = True  # fixed samples per epoch: uneven shards never hang the epoch end
     samples_per_epoch: int = 0  # per worker; 0 = the shard set's size / world size

@@ -22,6 +22,6 @@ multipart uploads, the webdataset ``s3:`` opener), ``tario`` (deterministic tar 
 tolerant tar reader), ``images`` (JPEG decode/encode), ``recordio`` (MXNet .rec/.idx),
 ``sources`` (listing input layouts), ``manifest``, ``build``, ``stream`` (per-kind sample
 streams), ``loader`` (mixing, batching, equal batch counts across ranks), ``batchring``
-(shared-memory batch slots between DataLoader workers and the trainer), ``counters``,
+(shared-memory batch slots), ``batchworkers`` (the processes that fill them), ``counters``,
 ``verify``, ``testing`` (moto S3 on loopback and a connection-cutting proxy).
 """

@@ -8,9 +8,9 @@ is never stitched onto the old one). The tar parser above it never sees the cut,
 sample is lost or read twice.
 
 Clients are created lazily *inside* each process (cached per pid): a boto3 client must
-not cross a DataLoader fork. The endpoint comes from the caller (``DataConfig.s3_endpoint_url``),
-else ``AWS_ENDPOINT_URL`` (boto3 reads it itself), else AWS; credentials from the standard
-chain.
+not cross a fork (batch workers, DataLoader workers). The endpoint comes from the caller
+(``DataConfig.s3_endpoint_url``), else ``AWS_ENDPOINT_URL`` (boto3 reads it itself), else
+AWS; credentials from the standard chain.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _CLIENTS: dict[tuple[int, str], object] = {}
 # One boto3 session for the process and its forks: a client made from a session that has
 # loaded the S3 service model costs ~20 ms of CPU, from a fresh session ~150 ms, and every
-# DataLoader worker (new each epoch) makes one. A session holds no connections, so forked
+# batch worker (new each epoch) makes one. A session holds no connections, so forked
 # workers may share it; clients (connection pools) stay per process.
 _SESSION = None
 _LOCK = threading.Lock()

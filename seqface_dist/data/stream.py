@@ -8,7 +8,7 @@ and counted by reason (:mod:`counters`), with one log line per shard.
 
 Shard assignment (non-resampled): all shards of the kind, shuffled with (seed, epoch) —
 the same permutation on every rank — then every ``world_size``-th to this rank, then
-every ``num_workers``-th to this DataLoader worker. The pieces are disjoint and cover
+every ``num_workers``-th to this worker process. The pieces are disjoint and cover
 every shard once. Resampled: each (rank, worker) draws shards with replacement from all
 shards, with its own seed, forever; the caller decides how many samples an epoch has.
 
