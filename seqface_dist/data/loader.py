@@ -223,11 +223,6 @@ class LoaderPlan:
         return quotas[worker]
 
 
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
 # claim() -> (token, writable B x H x W x C uint8 images, B int64 centers), or None: stop.
 Claim = Callable[[], "tuple[object, np.ndarray, np.ndarray] | None"]
 
@@ -382,6 +377,11 @@ def make_train_loader(data_cfg, *, rank: int, world_size: int, image_size: tuple
 
 
 # --------------------------------------------------------------------------- plain samples
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
 class SampleStream(IterableDataset):
