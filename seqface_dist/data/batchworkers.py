@@ -46,8 +46,8 @@ def _keep_freed_memory() -> None:
     A worker allocates and frees a 1 MB read buffer per MB of shard and a ~6 kB bytes object
     per JPEG, ~1,000 of them alive in the shuffle buffer. By default glibc serves the 1 MB
     buffers with fresh mmaps and trims the heap top when it frees: every reuse then costs
-    page faults, which on a VM cost microseconds each. Tar parsing took 14 -> 9 us per
-    sample, and the loader gained ~0.02 of the decode bound (``bench/RESULTS.md``).
+    page faults, which on a VM cost microseconds each (``bench/bench_loader_parts.py`` with
+    and without ``--glibc-malloc-defaults``; figures in ``bench/RESULTS.md``).
     A no-op where glibc is not the C library."""
     try:
         libc = ctypes.CDLL("libc.so.6")
