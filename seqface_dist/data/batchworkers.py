@@ -47,8 +47,9 @@ def _keep_freed_memory() -> None:
     per JPEG, ~1,000 of them alive in the shuffle buffer. By default glibc serves the 1 MB
     buffers with fresh mmaps and trims the heap top when it frees: every reuse then costs
     page faults, which on a VM cost microseconds each (``bench/bench_loader_parts.py`` with
-    and without ``--glibc-malloc-defaults``; figures in ``bench/RESULTS.md``).
-    A no-op where glibc is not the C library."""
+    and without ``--glibc-malloc-defaults``; figures in ``bench/RESULTS.md``). The cost is
+    a heap that stays at its high-water mark: with ``bench_data.py``'s shards a worker's
+    private memory (USS) was ~18 MB. A no-op where glibc is not the C library."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
