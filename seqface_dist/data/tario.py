@@ -162,21 +162,13 @@ def iter_members(f: BinaryIO, on_problem: Callable[[str, str], None],
         yield name, data
 
 
-def split_key(name: str) -> tuple[str, str] | None:
-    """WebDataset convention: key = path up to the first dot of the basename, ext = the rest."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot <= slash + 1:
-        return None
-    return name[:dot], name[dot + 1:].lower()
-
-
 def iter_samples(f: BinaryIO, on_problem: Callable[[str, str], None]) -> Iterator[dict]:
-    """Group consecutive members by key into samples {"__key__": k, ext: bytes, ...}."""
+    """Group consecutive members by key into samples {"__key__": k, ext: bytes, ...}.
+    WebDataset convention: key = the path up to the first dot of the basename, ext = the rest
+    (lower-cased); members without a key, or whose basename starts with "__", are not data."""
     current: dict | None = None
     key = None
     for name, data in iter_members(f, on_problem):
-        # split_key, inlined: this runs for every member
         slash = name.rfind("/")
         dot = name.find(".", slash + 1)
         if data is None:
