@@ -68,8 +68,9 @@ def _fill(batches: int, worker: int, claim, publish) -> None:
 
 
 def measure(way: str, batches: int, workers: int, lend: int) -> tuple[float, float]:
-    ring = BatchRing(workers, 6, SHAPE, lend=lend) if "ring" in way or "own" in way else None
-    if way.startswith("own"):
+    own = way.startswith("own")
+    ring = BatchRing(workers, 6, SHAPE, lend=lend) if own or way.startswith("ring") else None
+    if own:
         per_worker = batches // workers
         loader = pool = BatchWorkers(partial(_fill, per_worker), ring, [per_worker] * workers)
     else:
@@ -92,7 +93,7 @@ def measure(way: str, batches: int, workers: int, lend: int) -> tuple[float, flo
     cpu1 = me.cpu_times()
     if ring is not None:
         ring.unblock()
-    if way.startswith("own"):
+    if own:
         pool.close()
     main = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / dt
     return n / dt, main

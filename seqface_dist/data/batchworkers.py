@@ -63,7 +63,7 @@ def _worker_main(make: MakeBatches, ring: BatchRing, worker: int, errors, parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)  # workers decode; intra-op threads would only contend
     _keep_freed_memory()
-    made = [0]
+    made = 0  # batches published so far
 
     def claim():
         while True:  # a bounded wait, so that a worker whose parent died does not linger
@@ -74,8 +74,9 @@ def _worker_main(make: MakeBatches, ring: BatchRing, worker: int, errors, parent
                 os._exit(1)
 
     def publish(slot: int, stats: list[int] | None = None) -> None:
-        ring.publish(worker, made[0], slot, stats)
-        made[0] += 1
+        nonlocal made
+        ring.publish(worker, made, slot, stats)
+        made += 1
 
     try:
         make(worker, claim, publish)

@@ -49,10 +49,7 @@ class TarWriter:
 def _checksum_ok(block: bytes) -> bool:
     field = block[148:156]
     try:
-        if field[6:] == b"\0 ":  # how tarfile and GNU tar write it: the fast path
-            stored = int(field[:6], 8)
-        else:
-            stored = int(field.split(b"\0", 1)[0].strip() or b"-1", 8)
+        stored = int(field.split(b"\0", 1)[0].strip() or b"-1", 8)
     except ValueError:
         return False
     if not 0 <= stored <= 255 * BLOCK:
@@ -125,11 +122,8 @@ def iter_members(f: BinaryIO, on_problem: Callable[[str, str], None],
                 resyncing = True
             continue
         resyncing = False
-        try:
-            size = int(block[124:135], 8)  # the usual "%011o\0"
-        except ValueError:
-            size = _octal(block[124:136])
-        padded = (size + BLOCK - 1) & -BLOCK
+        size = _octal(block[124:136])
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
         if len(buf) - pos < padded:
             buf, pos = _refill(f, buf, pos, padded, chunk), 0
         got = min(len(buf) - pos, padded)
@@ -155,8 +149,6 @@ def iter_members(f: BinaryIO, on_problem: Callable[[str, str], None],
             continue  # directories, links, ...: not sample data
         if pending_name is not None:
             name, pending_name = pending_name, None
-        elif block[345] == 0:  # no ustar prefix: the usual case, inlined
-            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         else:
             name = _member_name(block)
         yield name, data
