@@ -24,12 +24,14 @@ import argparse
 import glob
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -89,24 +91,45 @@ def decode_bound(blobs: list[bytes], procs: int, decoder: str, repeat: int) -> f
     return sum(n for n, _ in res) / max(t for _, t in res)
 
 
+def _live_children_cpu() -> float:
+    """CPU seconds used so far by this process's live child processes."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _reaped_children_cpu() -> float:
+    """CPU seconds used by the child processes that have exited and been waited for."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def loader_rate(ids: str, seqs: str, workers: int, epochs: int, endpoint: str = "",
-                flip: bool = True) -> tuple[float, float]:
-    """(samples/s, cores the main process used meanwhile; with S3 that includes moto)."""
+                flip: bool = True) -> tuple[float, float, float]:
+    """(samples/s, cores the main process used meanwhile (with S3 that includes moto),
+    cores the batch workers used meanwhile: up to 2 with 2 workers if they never wait)."""
     cfg = DataConfig(identity_shards=[ids], sequence_shards=[seqs], identities_per_batch=32,
                      sequences_per_batch=32, num_workers=workers, resampled=False,
                      shuffle_buffer=1000, flip=flip, s3_endpoint_url=endpoint)
     loader = make_train_loader(cfg, rank=0, world_size=1, image_size=SIZE, channels=3, seed=0)
-    n, t, cpu = 0, 0.0, 0.0
+    n, t, cpu, worker_cpu = 0, 0.0, 0.0, 0.0
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         it = iter(loader)
         first = next(it)
         t0, c0 = time.perf_counter(), time.process_time()
-        k = sum(1 for _ in it)
+        w0, r0 = _live_children_cpu(), _reaped_children_cpu()
+        k = sum(1 for _ in it)  # the pass ends once its workers have exited and been reaped
         t += time.perf_counter() - t0
         cpu += time.process_time() - c0
+        worker_cpu += _reaped_children_cpu() - r0 - w0
         n += k * first[0].shape[0]
-    return n / t, cpu / t
+    return n / t, cpu / t, worker_cpu / t
 
 
 def main() -> None:
@@ -142,13 +165,14 @@ def main() -> None:
         local_ratios, s3_ratios = [], []
         for r in range(args.rounds):
             bound = decode_bound(blobs, args.workers, best, args.epochs)
-            local, main_cpu = loader_rate(ids, seqs, args.workers, args.epochs)
-            s3rate, _ = loader_rate("s3://bench/ids", "s3://bench/seqs", args.workers,
+            local, main_cpu, worker_cpu = loader_rate(ids, seqs, args.workers, args.epochs)
+            s3rate, _, _ = loader_rate("s3://bench/ids", "s3://bench/seqs", args.workers,
                                     args.epochs, endpoint)
             local_ratios.append(local / bound)
             s3_ratios.append(s3rate / local)
             print(f"round {r + 1}: decode bound {bound:6.0f} images/s ({args.workers} processes, "
-                  f"{best}); loader local {local:6.0f} (main process {main_cpu:.2f} cores), "
+                  f"{best}); loader local {local:6.0f} (main process {main_cpu:.2f} cores, "
+                  f"workers {worker_cpu:.2f}), "
                   f"S3 {s3rate:6.0f} samples/s "
                   f"({args.workers} worker processes; S3 = moto on loopback); "
                   f"local/bound {local / bound:.2f}, S3/local {s3rate / local:.2f}")

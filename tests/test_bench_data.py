@@ -24,7 +24,7 @@ def run(script: str, *args: str) -> str:
 def test_bench_data_prints_every_round_and_the_medians():
     out = run("bench_data.py", "--samples", "256", "--rounds", "2", "--epochs", "1")
     rounds = re.findall(r"round \d: decode bound\s+(\d+) images/s .*loader local\s+(\d+) "
-                        r"\(main process (\S+) cores\), S3\s+(\d+) samples/s", out)
+                        r"\(main process (\S+) cores, workers (\S+)\), S3\s+(\d+) samples/s", out)
     assert len(rounds) == 2 and all(float(x) > 0 for r in rounds for x in r), out
     med = re.findall(r"local / decode bound = (\S+) .* S3 / local = (\S+) ", out)
     assert len(med) == 1 and all(float(x) > 0 for x in med[0]), out
