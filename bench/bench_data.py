@@ -10,8 +10,10 @@ folder and to S3 on loopback (moto's server), then measures:
   the fastest way (simplejpeg into a reused array, as the loader decodes into its batch);
 - local / S3: samples/s of ``make_train_loader`` batches (32 identities + 32 sequences,
   decoded, flipped, batched as uint8; the trainer normalises on its device) with
-  ``--workers`` batch worker processes, measured
-  from the first batch to the last (worker start-up excluded).
+  ``--workers`` batch worker processes, measured from the first batch to the last (worker
+  start-up excluded), with the cores the main process and the workers used meanwhile
+  (workers near 2 of 2 cores: busy, not waiting; then what keeps the loader below the
+  bound is CPU per sample).
 Each round measures the bound, local and S3 back to back; the ratios the data-plane issue
 targets (S3 >= 0.9x local, local >= 0.8x the decode bound) are taken within a round and
 their median printed, because a shared machine's speed drifts by 10-30 % between minutes.
