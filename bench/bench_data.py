@@ -93,22 +93,31 @@ def decode_bound(blobs: list[bytes], procs: int, decoder: str, repeat: int) -> f
     return sum(n for n, _ in res) / max(t for _, t in res)
 
 
-def _live_children_cpu() -> float:
-    """CPU seconds used so far by this process's live child processes."""
-    total = 0.0
+def _live_children_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each live child process of this one, by pid."""
+    cpu = {}
     for child in psutil.Process().children(recursive=True):
         try:
             t = child.cpu_times()
         except psutil.Error:  # gone meanwhile
             continue
-        total += t.user + t.system
-    return total
+        cpu[child.pid] = t.user + t.system
+    return cpu
 
 
 def _reaped_children_cpu() -> float:
     """CPU seconds used by the child processes that have exited and been waited for."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
+
+
+def _children_cpu_since(live: dict[int, float], reaped: float) -> float:
+    """CPU seconds the child processes used since ``live`` and ``reaped`` were read: those
+    reaped meanwhile (the batch workers of a pass that ended) and those still alive."""
+    now = _live_children_cpu()
+    gone = sum(c for pid, c in live.items() if pid not in now)
+    return (_reaped_children_cpu() - reaped - gone
+            + sum(c - live.get(pid, 0.0) for pid, c in now.items()))
 
 
 def loader_rate(ids: str, seqs: str, workers: int, epochs: int, endpoint: str = "",
@@ -125,11 +134,11 @@ def loader_rate(ids: str, seqs: str, workers: int, epochs: int, endpoint: str = 
         it = iter(loader)
         first = next(it)
         t0, c0 = time.perf_counter(), time.process_time()
-        w0, r0 = _live_children_cpu(), _reaped_children_cpu()
+        live, reaped = _live_children_cpu(), _reaped_children_cpu()
         k = sum(1 for _ in it)  # the pass ends once its workers have exited and been reaped
         t += time.perf_counter() - t0
         cpu += time.process_time() - c0
-        worker_cpu += _reaped_children_cpu() - r0 - w0
+        worker_cpu += _children_cpu_since(live, reaped)
         n += k * first[0].shape[0]
     return n / t, cpu / t, worker_cpu / t
 
@@ -169,7 +178,7 @@ def main() -> None:
             bound = decode_bound(blobs, args.workers, best, args.epochs)
             local, main_cpu, worker_cpu = loader_rate(ids, seqs, args.workers, args.epochs)
             s3rate, _, _ = loader_rate("s3://bench/ids", "s3://bench/seqs", args.workers,
-                                    args.epochs, endpoint)
+                                       args.epochs, endpoint)
             local_ratios.append(local / bound)
             s3_ratios.append(s3rate / local)
             print(f"round {r + 1}: decode bound {bound:6.0f} images/s ({args.workers} processes, "
