@@ -20,6 +20,11 @@ from typing import Any
 import yaml
 
 
+# Kept torch-free (config validation must not import torch); the losses import these.
+SEQUENCE_MODES = ("lsr", "none", "sequence_classes", "separate_heads", "masked_softmax")
+CLASS_ROW_MODES = ("sequence_classes", "separate_heads", "masked_softmax")  # W gains N_seq rows
+
+
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type or an impossible value."""
 
@@ -59,6 +64,16 @@ class LossConfig:
     lambda_min: float = 5.0
     arcface_margin: float = 0.5
     cosface_margin: float = 0.35
+    # How sequence samples enter the chief loss (DESIGN.md §2.2a):
+    #   lsr              the paper: uniform target over the identity classes (x lsr_strength)
+    #   none             sequence samples only in DSA
+    #   sequence_classes one classifier row per sequence, every sample sees every row
+    #   separate_heads   identity samples see identity rows, sequence samples sequence rows
+    #   masked_softmax   as sequence_classes, a sequence sample sees identity rows + its own
+    sequence_mode: str = "lsr"
+    lsr_strength: float = 1.0  # epsilon of mode lsr: 1 = the paper, 0 = no LSR term
+    weight_renorm: bool = False  # the reference renormalises W's rows in place every forward
+    center_init: str = "zeros"  # zeros | xavier (the reference net's filler)
     reference_margin_grad: bool = False  # the Caffe layer's rescaled (not true) gradient
     sampled_softmax_fraction: float = 1.0  # Partial-FC style; 1.0 = full softmax
     # DSA auxiliary loss.
@@ -85,8 +100,20 @@ class LossConfig:
                "lambda_gamma and lambda_power must be >= 0")
         _check(0.0 <= self.arcface_margin < 3.14159, f"{p}.arcface_margin", "must be in [0, pi)")
         _check(0.0 <= self.cosface_margin < 2.0, f"{p}.cosface_margin", "must be in [0, 2)")
-        _check(0.0 < self.sampled_softmax_fraction <= 1.0, f"{p}.sampled_softmax_fraction",
-               "must be in (0, 1]")
+        _check(self.sequence_mode in SEQUENCE_MODES, f"{p}.sequence_mode",
+               f"unknown mode {self.sequence_mode!r}; choose one of {', '.join(SEQUENCE_MODES)}")
+        _check(0.0 <= self.lsr_strength <= 1.0, f"{p}.lsr_strength",
+               f"must be in [0, 1] (got {self.lsr_strength})")
+        _check(self.center_init in ("zeros", "xavier"), f"{p}.center_init",
+               "must be 'zeros' or 'xavier'")
+        _check(not self.reference_margin_grad or self.margin == "sphereface",
+               f"{p}.reference_margin_grad", "is defined for margin: sphereface only")
+        # Refused here, not after Ray starts: the partitioned head (the one training path)
+        # implements neither. The dense oracle in seqface_dist.losses keeps the second.
+        _check(self.sampled_softmax_fraction == 1.0, f"{p}.sampled_softmax_fraction",
+               "the sampled (Partial-FC) softmax is not implemented yet; use 1.0")
+        _check(self.dsa_normalize_scale == 0, f"{p}.dsa_normalize_scale",
+               "the partitioned head supports raw features only (0, the reference)")
         _check(0.0 <= self.dsa_lambda <= 1.0, f"{p}.dsa_lambda",
                f"must be in [0, 1] (got {self.dsa_lambda})")
         _check(self.dsa_alpha >= 1.0, f"{p}.dsa_alpha", f"must be >= 1 (got {self.dsa_alpha})")

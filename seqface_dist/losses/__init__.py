@@ -2,6 +2,7 @@
 
 Chief loss:  logits = sphereface_logits(f, W, t, N_id, lam=lambda_schedule(step))
              loss = lsr_cross_entropy(logits, t, N_id)
+Any sequence mode (DESIGN §2.2a): chief_loss(f, W, t, N_id, N_seq, mode="sequence_classes")
 Auxiliary:   S = sample_negatives(N, p, generator=g)
              terms = dsa_terms(f, t, C, N_id, S)   # terms.loss, .pull, .push, .active_fraction
 `t` is the center index: the identity y, or N_id + q for a sample of sequence q.
@@ -33,9 +34,14 @@ from .margins import (
     reference_target_logit,
     sphereface_logits,
 )
+from .modes import ChiefTerms, chief_loss, chief_rows, visible_rows
 from .sampling import SAMPLER_MODES, sample_negatives
 
 __all__ = [
+    "ChiefTerms",
+    "chief_loss",
+    "chief_rows",
+    "visible_rows",
     "DSATerms",
     "MARGIN_KINDS",
     "SAMPLER_MODES",

@@ -2,7 +2,8 @@
 
 One safetensors file per rank, ``head-rank{r}-of-{R}.safetensors``, holding
 ``weight``/``id_centers`` (identity rows [id0, id1)) and ``seq_centers`` (sequence rows
-[sq0, sq1)) with their momentum buffers, and, as string metadata, the row ranges and the
+[sq0, sq1); also ``seq_weight`` in the sequence modes with one W row per sequence) with
+their momentum buffers, and, as string metadata, the row ranges and the
 head's spec and loss options. Loading onto R' ranks reads only the slices that overlap
 each rank's new block (``safe_open(...).get_slice``), so no rank ever holds a full matrix.
 safetensors has no code path that executes data, unlike pickle.
@@ -24,6 +25,7 @@ from .head import PartitionedHead
 _FORMAT = "seqface-head/1"
 _KINDS = {  # tensor name -> which row range it follows
     "weight": "id_rows", "weight.momentum": "id_rows",
+    "seq_weight": "seq_rows", "seq_weight.momentum": "seq_rows",
     "id_centers": "id_rows", "id_centers.momentum": "id_rows",
     "seq_centers": "seq_rows", "seq_centers.momentum": "seq_rows",
 }
@@ -45,12 +47,12 @@ def save_head(head: PartitionedHead, optimizer: torch.optim.Optimizer | None,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n_local_id = head.id_rows[1] - head.id_rows[0]
-    tensors = {"weight": head.weight.detach(),
+    tensors = {**_split_weight(head, head.weight.detach()),
                "id_centers": head.centers.detach()[:n_local_id],
                "seq_centers": head.centers.detach()[n_local_id:]}
     mw, mc = _momentum(optimizer, head.weight), _momentum(optimizer, head.centers)
     if mw is not None:
-        tensors["weight.momentum"] = mw
+        tensors.update({f"{k}.momentum": v for k, v in _split_weight(head, mw).items()})
     if mc is not None:
         tensors["id_centers.momentum"] = mc[:n_local_id]
         tensors["seq_centers.momentum"] = mc[n_local_id:]
@@ -121,8 +123,20 @@ def load_head(head: PartitionedHead, optimizer: torch.optim.Optimizer | None,
                 f"{directory}: checkpoint has {key}={saved[key]}, this head has "
                 f"{key}={getattr(head.spec, key)}")
     n_local_id = head.id_rows[1] - head.id_rows[0]
+    names0 = _names(blocks[0][0])
+    if head.sequence_rows and "seq_weight" not in names0:
+        raise HeadCheckpointError(
+            f"{directory}: the checkpoint's classifier has no sequence rows (saved with "
+            f"sequence_mode {blocks[0][1]['loss'].get('sequence_mode', 'lsr')!r}); this head's "
+            f"mode {head.mode!r} needs them")
+    if not head.sequence_rows and "seq_weight" in names0:
+        raise HeadCheckpointError(
+            f"{directory}: the checkpoint's classifier has sequence rows (sequence_mode "
+            f"{blocks[0][1]['loss'].get('sequence_mode')!r}); this head's mode {head.mode!r} "
+            f"has none")
     with torch.no_grad():
-        targets = {"weight": head.weight, "id_centers": head.centers[:n_local_id],
+        targets = {**_split_weight(head, head.weight),
+                   "id_centers": head.centers[:n_local_id],
                    "seq_centers": head.centers[n_local_id:]}
         mw, mc = _momentum(optimizer, head.weight), _momentum(optimizer, head.centers)
         has_momentum = all("weight.momentum" in _names(f) for f, _ in blocks)
@@ -133,7 +147,8 @@ def load_head(head: PartitionedHead, optimizer: torch.optim.Optimizer | None,
             if mc is None:
                 mc = optimizer.state[head.centers]["momentum_buffer"] = torch.zeros_like(
                     head.centers)
-            targets.update({"weight.momentum": mw, "id_centers.momentum": mc[:n_local_id],
+            targets.update({f"{k}.momentum": v for k, v in _split_weight(head, mw).items()})
+            targets.update({"id_centers.momentum": mc[:n_local_id],
                             "seq_centers.momentum": mc[n_local_id:]})
         mine = {"id_rows": head.id_rows, "seq_rows": head.seq_rows}
         for f, meta in blocks:
@@ -148,6 +163,14 @@ def load_head(head: PartitionedHead, optimizer: torch.optim.Optimizer | None,
                         raise HeadCheckpointError(f"{f}: tensor {name!r} missing")
                     part = sf.get_slice(name)[a - s0:b - s0]
                     dst[a - lo:b - lo].copy_(part)
+
+
+def _split_weight(head: PartitionedHead, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W's local block (or its momentum) as identity rows and, if any, sequence rows."""
+    n_local_id = head.id_rows[1] - head.id_rows[0]
+    if not head.sequence_rows:
+        return {"weight": w}
+    return {"weight": w[:n_local_id], "seq_weight": w[n_local_id:]}
 
 
 def _names(path: Path) -> set[str]:

@@ -7,8 +7,10 @@ from two all-reduces of O(B) values (row max; then row sum of exp, target logit 
 sum of logits). The backward needs no communication: the gradient it returns for the
 features is this block's share, summed over ranks by the features' all-gather.
 
-Math per sample i (DESIGN.md §2.1): identity rows l_i = lse(z_i) - z_iy, sequence rows
-l_i = lse(z_i) - mean_c z_ic; so dl_i/dz_ic = p_ic - q_ic with q one-hot or uniform.
+Math per sample i (DESIGN.md §2.1, §2.2a): classification rows l_i = lse(z_i) - z_iy over
+the columns the sample sees (hidden columns hold -inf: p = q = 0 there), LSR rows
+l_i = lse(z_i) - mean_c z_ic over the identity columns; so dl_i/dz_ic = p_ic - q_ic with
+q one-hot or uniform.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqface_dist.losses import margin_target_cos
+from seqface_dist.losses import margin_target_cos, psi_from_cos
 
 from .comm import Comm
 
@@ -58,27 +60,51 @@ class MarginSpec:
     scale: float = 32.0
     arcface_margin: float = 0.5
     cosface_margin: float = 0.35
+    reference_grad: bool = False  # sphereface only: the Caffe layer's rescaled backward
 
     def target_cos(self, cos: torch.Tensor, lam: float) -> torch.Tensor:
         return margin_target_cos(cos, kind=self.kind, m=self.m, lam=lam,
                                  arcface_margin=self.arcface_margin,
                                  cosface_margin=self.cosface_margin)
 
+    def reference_coefficients(self, cos: torch.Tensor,
+                               lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """d(target)/d cos on the feature path and on the weight path, as the Caffe layer.
+
+        The reference's target logit |x| (lam cos + psi) / (1 + lam) has the derivative
+        (lam w + a w + b x) / (1 + lam) along x, a = psi'(cos), b = (psi - cos a) / |x|; it
+        uses (a, b) / |(a, b)| instead. With x = s fn, the b x part is radial and vanishes
+        through the features' normalisation, leaving (lam + a / |(a, b)|) / (1 + lam) on the
+        feature path; its weight gradient is a plain linear layer's (coefficient 1).
+        See ``seqface_dist.losses.margins._ReferenceTargetLogit`` (the dense oracle).
+        """
+        with torch.enable_grad():
+            c = cos.detach().requires_grad_(True)
+            p = psi_from_cos(c, self.m)
+            (a,) = torch.autograd.grad(p.sum(), c) if c.numel() else (c,)
+        b = (p.detach() - cos * a) / self.scale
+        unit = torch.sqrt(a.square() + b.square()).clamp_min(torch.finfo(cos.dtype).tiny)
+        return (lam + a / unit) / (1.0 + lam), torch.ones_like(cos)
+
 
 class BlockMarginSoftmax(torch.autograd.Function):
     """Per-sample chief loss of the global batch, from this rank's block of W.
 
     Inputs: ``fn`` (B x D) L2-normalised features of the global batch; ``weight``
-    (n x D) raw local rows of W; ``target_col`` (B,) local column of the sample's identity
-    where this rank owns it, else -1; ``is_seq`` (B,) bool. Returns l (B,), equal on all
-    ranks. Backward may run once (it reuses the saved buffer in place). W's gradient is
-    written into ``weight.grad`` directly (a workspace buffer, accumulated if a gradient
-    is already there), so no fresh n x D tensor is allocated per step.
+    (n x D) raw local rows of W (its identity rows first, then ``n - n_id_cols`` sequence
+    rows in the modes that have them); ``target_col`` (B,) local column of the sample's
+    target where this rank owns it, else -1; ``uniform`` (B,) bool: LSR samples (target
+    uniform over the identity classes); ``hide_id`` / ``hide_seq`` (B,) bool: the sample's
+    softmax leaves out the identity / sequence columns (its own target column stays).
+    Returns l (B,), equal on all ranks. Backward may run once (it reuses the saved buffer
+    in place). W's gradient is written into ``weight.grad`` directly (a workspace buffer,
+    accumulated if a gradient is already there), so no fresh n x D tensor is allocated.
     """
 
     @staticmethod
-    def forward(ctx, fn, weight, target_col, is_seq, comm: Comm, spec: MarginSpec,
-                lam: float, num_identities: int, workspace: Workspace):
+    def forward(ctx, fn, weight, target_col, uniform, hide_id, hide_seq, comm: Comm,
+                spec: MarginSpec, lam: float, num_identities: int, n_id_cols: int,
+                workspace: Workspace):
         eps = torch.finfo(weight.dtype).tiny
         inv_wnorm = weight.norm(dim=1).clamp_min(eps).reciprocal_()
         # GEMM 1, into the block's only B x n buffer.
@@ -91,6 +117,13 @@ class BlockMarginSoftmax(torch.autograd.Function):
             cos_t = z[rows, cols].detach().requires_grad_(True)
             g_t = spec.target_cos(cos_t, lam)
             (dg_t,) = torch.autograd.grad(g_t.sum(), cos_t) if rows.numel() else (cos_t,)
+        dg_x, dg_w = dg_t, dg_t
+        if spec.reference_grad:
+            dg_x, dg_w = spec.reference_coefficients(cos_t.detach(), lam)
+        if bool(hide_id.any()):
+            z[hide_id, :n_id_cols] = float("-inf")
+        if bool(hide_seq.any()):
+            z[hide_seq, n_id_cols:] = float("-inf")
         z[rows, cols] = g_t.detach()
         z.mul_(spec.scale)  # logits
 
@@ -99,31 +132,37 @@ class BlockMarginSoftmax(torch.autograd.Function):
                   torch.full((b,), float("-inf"), dtype=z.dtype, device=z.device))
         comm.all_reduce_(rowmax, op="max")
         stats = torch.zeros(3, b, dtype=z.dtype, device=z.device)
-        if bool(is_seq.any()):
-            stats[2] = z.sum(dim=1)  # LSR needs the mean logit over all N_id classes
+        if bool(uniform.any()):  # LSR needs the mean logit over all N_id classes
+            stats[2] = z[:, :n_id_cols].sum(dim=1)
         stats[1, rows] = z[rows, cols]
         z.sub_(rowmax[:, None]).exp_()
         stats[0] = z.sum(dim=1)
         comm.all_reduce_(stats)
         sumexp, target, rowsum = stats
         lse = rowmax + sumexp.log()
-        loss = torch.where(is_seq, lse - rowsum / num_identities, lse - target)
+        loss = torch.where(uniform, lse - rowsum / num_identities, lse - target)
 
-        ctx.save_for_backward(z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_t, is_seq)
-        ctx.scale, ctx.num_identities = spec.scale, num_identities
+        ctx.save_for_backward(z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_x, dg_w,
+                              uniform)
+        ctx.scale, ctx.num_identities, ctx.n_id_cols = spec.scale, num_identities, n_id_cols
         ctx.workspace, ctx.weight = workspace, weight  # the Parameter, to write its .grad
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_t, is_seq = ctx.saved_tensors
-        g = z.div_(sumexp[:, None])  # probabilities p_ic, in place
-        g.sub_((is_seq.to(g.dtype) / ctx.num_identities)[:, None])  # LSR: q = 1/N_id
-        g[rows, cols] -= 1.0  # identity rows: q = one-hot
+        z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_x, dg_w, uniform = ctx.saved_tensors
+        g = z.div_(sumexp[:, None])  # probabilities p_ic, in place (0 on hidden columns)
+        if bool(uniform.any()):  # LSR: q = 1/N_id over the identity columns
+            g[:, :ctx.n_id_cols].sub_((uniform.to(g.dtype) / ctx.num_identities)[:, None])
+        g[rows, cols] -= 1.0  # classification rows: q = one-hot
         g.mul_((grad_loss * ctx.scale)[:, None])  # dL/dcos (before the margin)
-        g[rows, cols] *= dg_t
+        g_t = g[rows, cols]  # dL/d(margin cos) of the targets owned here
+        g[rows, cols] = g_t * dg_w
         g.mul_(inv_wnorm)  # dL/d(fn . w_c) with cos = fn . w_c / |w_c|
         grad_fn = g @ weight  # GEMM 2
+        if dg_x is not dg_w:  # the reference's feature path: its own target coefficient
+            coef = (g_t * (dg_x - dg_w) * inv_wnorm[cols])[:, None]
+            grad_fn.index_add_(0, rows, coef * weight[cols])
         param = ctx.weight
         accumulate = param.grad is not None
         grad_w = ctx.workspace.take("grad_w", tuple(weight.shape), weight)
@@ -143,4 +182,4 @@ class BlockMarginSoftmax(torch.autograd.Function):
         else:
             param.grad = grad_w  # stays ours: reused next step once the optimizer is done
             ctx.workspace.give_back("grad_w", grad_w)
-        return grad_fn, None, None, None, None, None, None, None, None
+        return (grad_fn,) + (None,) * 11

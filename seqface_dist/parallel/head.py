@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from seqface_dist.config import LossConfig
+from seqface_dist.config import CLASS_ROW_MODES, LossConfig
 from seqface_dist.losses import lambda_schedule, sample_negatives
 
 from .chief import BlockMarginSoftmax, MarginSpec, Workspace
@@ -56,9 +56,9 @@ class HeadOutput:
     """The global batch's loss terms (equal on every rank). Only ``loss`` has gradients."""
 
     loss: torch.Tensor  # chief_weight * chief + dsa_weight * dsa
-    chief: torch.Tensor  # mean chief loss over all samples
+    chief: torch.Tensor  # mean chief loss over the samples that count in the mode
     chief_identity: torch.Tensor  # its mean over identity samples (margin softmax)
-    chief_lsr: torch.Tensor  # its mean over sequence samples (LSR)
+    chief_lsr: torch.Tensor  # its mean over sequence samples (LSR or their own rows)
     dsa: torch.Tensor  # mean DSA loss
     dsa_pull: torch.Tensor  # mean of lam * d_pos
     dsa_push: torch.Tensor  # mean of the hinge part
@@ -67,13 +67,23 @@ class HeadOutput:
     lam: float  # A-Softmax lambda of this step
 
 
-def _chunked_normal_(block: torch.Tensor, row0: int, std: float, seed: int) -> None:
+def _normal_draw(std: float):
+    return lambda shape, g: torch.randn(shape, generator=g, dtype=torch.float64) * std
+
+
+def _uniform_draw(bound: float):
+    return lambda shape, g: (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+
+
+def _chunked_init_(block: torch.Tensor, row0: int, draw, seed: int) -> None:
     """Fill rows [row0, row0 + len) of a virtual global matrix, identically for any R."""
     n, d = block.shape
+    if n == 0:
+        return
     first, last = row0 // _INIT_CHUNK, (row0 + n - 1) // _INIT_CHUNK
     for c in range(first, last + 1):
         g = torch.Generator().manual_seed(seed * 1_000_003 + c)
-        chunk = torch.randn(_INIT_CHUNK, d, generator=g, dtype=torch.float64) * std
+        chunk = draw((_INIT_CHUNK, d), g)
         lo, hi = max(row0, c * _INIT_CHUNK), min(row0 + n, (c + 1) * _INIT_CHUNK)
         block[lo - row0:hi - row0].copy_(chunk[lo - c * _INIT_CHUNK:hi - c * _INIT_CHUNK])
 
@@ -85,30 +95,38 @@ class PartitionedHead(nn.Module):
         super().__init__()
         self.spec, self.cfg = spec, loss or LossConfig()
         self.comm = comm or Comm()
-        if self.cfg.reference_margin_grad:
-            raise ValueError("loss.reference_margin_grad: the partitioned head uses the true "
-                             "gradient only; the reference's rescaled gradient is single-process")
-        if self.cfg.dsa_normalize_scale > 0:
-            raise ValueError("loss.dsa_normalize_scale: not supported by the partitioned head")
-        if self.cfg.sampled_softmax_fraction < 1.0:
-            raise ValueError("loss.sampled_softmax_fraction: the sampled (Partial-FC) softmax "
-                             "is not implemented yet; use 1.0")
+        self.cfg.validate("loss")  # the config refuses what the head cannot do, by key
+        self.mode = self.cfg.sequence_mode
+        self.sequence_rows = self.mode in CLASS_ROW_MODES  # W gains one row per sequence
         self.layout = HeadLayout(spec.num_identities, spec.num_sequences, self.comm.world_size)
         self.rank = self.comm.rank
         self._check_ranks_agree(dtype)
         self.margin = MarginSpec(self.cfg.margin, self.cfg.m, self.cfg.scale,
-                                 self.cfg.arcface_margin, self.cfg.cosface_margin)
+                                 self.cfg.arcface_margin, self.cfg.cosface_margin,
+                                 self.cfg.reference_margin_grad)
         self.feature_grad_scale = feature_grad_scale
         self.workspace = Workspace()
 
         id0, id1, sq0, sq1 = self.layout.local_rows(self.rank)
         self.id_rows, self.seq_rows = (id0, id1), (sq0, sq1)
-        weight = torch.empty(id1 - id0, spec.dim, dtype=dtype, device=device)
-        _chunked_normal_(weight, id0, spec.weight_init_std, spec.seed)
+        n_id_local, n_seq_local = id1 - id0, sq1 - sq0
+        # Local W block: this rank's identity rows, then (modes with sequence rows) its
+        # sequence rows, stacked like the center block; rows of a virtual N_id + N_seq
+        # matrix, so the init is the same for any R.
+        weight = torch.empty(n_id_local + (n_seq_local if self.sequence_rows else 0),
+                             spec.dim, dtype=dtype, device=device)
+        normal = _normal_draw(spec.weight_init_std)
+        _chunked_init_(weight[:n_id_local], id0, normal, spec.seed)
+        _chunked_init_(weight[n_id_local:], spec.num_identities + sq0, normal, spec.seed)
         self.weight = nn.Parameter(weight)
         # Local center block: this rank's identity centers, then its sequence centers.
-        self.centers = nn.Parameter(
-            torch.zeros((id1 - id0) + (sq1 - sq0), spec.dim, dtype=dtype, device=device))
+        centers = torch.zeros(n_id_local + n_seq_local, spec.dim, dtype=dtype, device=device)
+        if self.cfg.center_init == "xavier":  # Caffe's xavier filler: U(-a, a), a = sqrt(3/D)
+            xavier = _uniform_draw((3.0 / spec.dim) ** 0.5)
+            seed = spec.seed + 7_919  # not W's draws
+            _chunked_init_(centers[:n_id_local], id0, xavier, seed)
+            _chunked_init_(centers[n_id_local:], spec.num_identities + sq0, xavier, seed)
+        self.centers = nn.Parameter(centers)
 
     # -- construction checks ------------------------------------------------------------
 
@@ -184,16 +202,15 @@ class PartitionedHead(nn.Module):
         feats = gather_rows(features.to(self.weight.dtype), self.comm, self.feature_grad_scale)
         is_seq = t >= n_id
 
-        # Chief: margin softmax / LSR over this rank's identity columns.
         lam = lambda_schedule(step, base=cfg.lambda_base, gamma=cfg.lambda_gamma,
                               power=cfg.lambda_power, lambda_min=cfg.lambda_min)
-        id0, id1 = self.id_rows
-        mine = ~is_seq & (t >= id0) & (t < id1)
-        target_col = torch.where(mine, t - id0, torch.full_like(t, -1))
+        if cfg.weight_renorm:  # the reference's margin layer normalises W in place
+            with torch.no_grad():
+                self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(
+                    torch.finfo(self.weight.dtype).tiny))
         tiny = torch.finfo(feats.dtype).tiny
         fn = feats / feats.norm(dim=1, keepdim=True).clamp_min(tiny)
-        chief_i = BlockMarginSoftmax.apply(fn, self.weight, target_col, is_seq, self.comm,
-                                           self.margin, lam, n_id, self.workspace)
+        chief_i, counts = self._chief(fn, t, is_seq, lam)
 
         # DSA: pull by the owner of each center, pushes from this rank's negatives.
         if negatives is None:
@@ -206,18 +223,63 @@ class PartitionedHead(nn.Module):
             feats, self.centers, t, self.local_rows_of(t), is_seq, neg_rows, neg_index,
             neg_index >= n_id, self.comm, cfg.dsa_lambda, cfg.dsa_alpha, cfg.dsa_beta)
 
-        chief, dsa = chief_i.mean(), dsa_i.mean()
+        n_counted = int(counts.sum())
+        chief = chief_i.sum() / n_counted if n_counted else fn.sum() * 0.0
+        dsa = dsa_i.mean()
         with torch.no_grad():
             c = chief_i.detach()
             nan = torch.tensor(float("nan"), dtype=c.dtype, device=c.device)
             chief_identity = c[~is_seq].mean() if bool((~is_seq).any()) else nan
-            chief_lsr = c[is_seq].mean() if bool(is_seq.any()) else nan
+            seq_counted = is_seq & counts
+            chief_lsr = c[seq_counted].mean() if bool(seq_counted.any()) else nan
             active_fraction = stats[0] / stats[1].clamp_min(1.0)
         return HeadOutput(
             loss=cfg.chief_weight * chief + cfg.dsa_weight * dsa,
             chief=chief.detach(), chief_identity=chief_identity, chief_lsr=chief_lsr,
             dsa=dsa.detach(), dsa_pull=pull_i.mean(), dsa_push=push_i.mean(),
             active_fraction=active_fraction, num_negatives=int(stats[2]), lam=lam)
+
+    def _chief(self, fn: torch.Tensor, t: torch.Tensor, is_seq: torch.Tensor,
+               lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample chief loss (B,) in this head's sequence mode, and which samples count.
+
+        Sample i's target column here: its identity row, or in the modes with sequence
+        rows its sequence row (local W rows stack identity rows, then sequence rows, like
+        the center block), where this rank owns it; else -1.
+        """
+        cfg, n_id, mode = self.cfg, self.spec.num_identities, self.mode
+        id0, id1 = self.id_rows
+        n_id_cols = id1 - id0
+        if self.sequence_rows:
+            target_col = self.local_rows_of(t)
+            classify = torch.ones_like(is_seq)
+        else:
+            target_col = torch.where(~is_seq & (t >= id0) & (t < id1), t - id0,
+                                     torch.full_like(t, -1))
+            classify = ~is_seq
+        none = torch.zeros_like(is_seq)
+        uniform = is_seq if mode == "lsr" else none
+        hide_id = is_seq if mode == "separate_heads" else none
+        hide_seq = {"separate_heads": ~is_seq, "masked_softmax": is_seq}.get(mode, none)
+        counts = classify | uniform
+        if mode == "none":  # sequence samples skip the softmax altogether
+            keep = classify.nonzero().squeeze(1)
+            per = torch.zeros(t.shape[0], dtype=fn.dtype, device=fn.device)
+            if keep.numel():
+                per = per.index_put((keep,), self._block(
+                    fn[keep], target_col[keep], none[keep], none[keep], none[keep], lam,
+                    n_id_cols))
+            return per, counts
+        per = self._block(fn, target_col, uniform, hide_id, hide_seq, lam, n_id_cols)
+        if mode == "lsr" and cfg.lsr_strength != 1.0:
+            strength = torch.full_like(per, cfg.lsr_strength)  # in per's dtype (float64 exact)
+            per = per * torch.where(is_seq, strength, torch.ones_like(per))
+        return per, counts
+
+    def _block(self, fn, target_col, uniform, hide_id, hide_seq, lam, n_id_cols):
+        return BlockMarginSoftmax.apply(fn, self.weight, target_col, uniform, hide_id,
+                                        hide_seq, self.comm, self.margin, lam,
+                                        self.spec.num_identities, n_id_cols, self.workspace)
 
     # -- optimisation ----------------------------------------------------------------------
 
