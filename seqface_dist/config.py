@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 
-
 # Kept torch-free (config validation must not import torch); the losses import these.
 SEQUENCE_MODES = ("lsr", "none", "sequence_classes", "separate_heads", "masked_softmax")
 CLASS_ROW_MODES = ("sequence_classes", "separate_heads", "masked_softmax")  # W gains N_seq rows

@@ -178,7 +178,8 @@ def test_xavier_centers_are_independent_of_world_size_and_bounded():
     def full(heads, attr):  # identity rows of all ranks, then sequence rows of all ranks
         n = [h.id_rows[1] - h.id_rows[0] for h in heads]
         blocks = [getattr(h, attr).detach() for h in heads]
-        return torch.cat([b[:k] for b, k in zip(blocks, n)] + [b[k:] for b, k in zip(blocks, n)])
+        pairs = list(zip(blocks, n, strict=True))
+        return torch.cat([b[:k] for b, k in pairs] + [b[k:] for b, k in pairs])
 
     assert torch.equal(full(parts, "centers"), full([whole], "centers"))
     bound = (3.0 / 16) ** 0.5

@@ -247,7 +247,7 @@ class PartitionedHead(nn.Module):
         rows its sequence row (local W rows stack identity rows, then sequence rows, like
         the center block), where this rank owns it; else -1.
         """
-        cfg, n_id, mode = self.cfg, self.spec.num_identities, self.mode
+        cfg, mode = self.cfg, self.mode
         id0, id1 = self.id_rows
         n_id_cols = id1 - id0
         if self.sequence_rows:
