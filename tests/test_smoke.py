@@ -11,6 +11,7 @@ import torch
 
 from seqface_dist.cli import main
 from seqface_dist.config import load_config
+from seqface_dist.data.loader import normalize
 from seqface_dist.train.smoke import (
     SyntheticSpec,
     make_smoke_data,
@@ -61,7 +62,7 @@ def test_centers_move_by_their_update_and_sit_near_their_features(smoke) -> None
     data = make_smoke_data(SyntheticSpec(), (32, 32), 1, seed=0)
     with torch.no_grad():
         net.eval()
-        f = net(data.id_images)
+        f = net(normalize(data.id_images))
     mean_f = torch.zeros_like(centers[:64]).index_add_(0, data.id_index, f) / 24
     own = (mean_f - centers[:64]).norm(dim=1)
     other = torch.cdist(mean_f, centers[:64]) + torch.eye(64) * 1e9
@@ -89,7 +90,7 @@ def test_batches_mix_identities_and_sequences() -> None:
     assert data.seq_index.min() == 64 and data.seq_index.max() == 127
     assert data.unseen_label.unique().numel() == spec.unseen_classes
     x, idx = mixed_batch(data, cfg, torch.Generator().manual_seed(0))
-    assert x.shape == (64, 1, 32, 32)
+    assert x.shape == (64, 32, 32, 1) and x.dtype == torch.uint8  # the loader's format
     assert (idx[:32] < 64).all() and (idx[32:] >= 64).all()
 
 

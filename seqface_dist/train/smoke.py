@@ -1,4 +1,4 @@
-"""Single-process smoke training: backbone + chief loss (margin softmax + LSR) + DSA.
+"""Single-process smoke training through the one training step (`train.step.Trainer`).
 
 A few hundred SGD steps on a small in-memory set of synthetic, clustered images, with
 every piece of the real objective: identity classes, sequence tracks (two tracks may be
@@ -30,16 +30,9 @@ import torch.nn.functional as F
 import yaml
 
 from seqface_dist.config import Config, config_from_dict, load_config, parse_override
+from seqface_dist.data.loader import normalize
 from seqface_dist.eval.verification import evaluate_scores
-from seqface_dist.losses import (
-    dsa_terms,
-    lambda_schedule,
-    lsr_cross_entropy,
-    margin_logits,
-    sample_negatives,
-)
-from seqface_dist.models import build_backbone
-from seqface_dist.train.schedule import lr_multiplier
+from seqface_dist.train.step import local_trainer
 
 # The smoke run's config (configs/smoke.yaml holds the same values; a test keeps them equal).
 SMOKE_BASE: dict[str, Any] = {
@@ -112,7 +105,7 @@ def _draw(base: torch.Tensor, spec: SyntheticSpec, g: torch.Generator) -> torch.
 
 @dataclass
 class SmokeData:
-    id_images: torch.Tensor  # (n, C, H, W), center index = identity
+    id_images: torch.Tensor  # uint8 (n, H, W, C), center index = identity
     id_index: torch.Tensor
     seq_images: torch.Tensor  # center index = N_id + track
     seq_index: torch.Tensor
@@ -141,8 +134,15 @@ def make_smoke_data(spec: SyntheticSpec, size: tuple[int, int], channels: int,
 
     unseen_label = torch.arange(spec.unseen_classes).repeat_interleave(spec.samples_per_unseen)
     unseen_images = _draw(t_unseen[unseen_label], spec, g)
-    return SmokeData(id_images, id_index, seq_images, n_id + track, unseen_images,
-                     unseen_label, n_id, n_tracks)
+    return SmokeData(_to_uint8(id_images), id_index, _to_uint8(seq_images), n_id + track,
+                     _to_uint8(unseen_images), unseen_label, n_id, n_tracks)
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(n, C, H, W) float samples -> uint8 (n, H, W, C): the loader's batch format, so the
+    smoke trains through the same input normalisation as every other run."""
+    return (x * 24.0 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1) \
+        .contiguous()
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def verify(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
            n_pairs: int, seed: int) -> dict[str, float]:
     was_training = net.training
     net.eval()
-    feats = F.normalize(torch.cat([net(b) for b in images.split(256)]), dim=1)
+    feats = F.normalize(torch.cat([net(normalize(b)) for b in images.split(256)]), dim=1)
     net.train(was_training)
     i, j, same = verification_pairs(labels, n_pairs, torch.Generator().manual_seed(seed))
     scores = (feats[i] * feats[j]).sum(dim=1)
@@ -198,7 +198,7 @@ def mixed_batch(data: SmokeData, cfg: Config,
     x = torch.cat([data.id_images[a], data.seq_images[b]])
     if cfg.data.flip:
         flip = torch.rand(x.shape[0], generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = torch.where(flip[:, None, None, None], x.flip(2), x)  # B x H x W x C
     return x, torch.cat([data.id_index[a], data.seq_index[b]])
 
 
@@ -228,65 +228,30 @@ def run_smoke(cfg: Config | None = None, *, spec: SyntheticSpec | None = None,
 
 def _run_smoke(cfg: Config, spec: SyntheticSpec, log: Callable[[str], None] | None,
                progress: Callable[[int], None] | None) -> dict[str, Any]:
-    lc, steps = cfg.loss, cfg.optim.max_steps
-    torch.manual_seed(cfg.train.seed)
+    steps = cfg.optim.max_steps
     size = (cfg.model.input_size[0], cfg.model.input_size[1])
     data = make_smoke_data(spec, size, cfg.model.in_channels, cfg.train.seed)
-    n_id, n_centers = data.num_identities, data.num_identities + data.num_sequences
-
-    net = build_backbone(cfg.model)
-    d = cfg.model.embedding_dim
-    weight = torch.nn.Parameter(torch.randn(n_id, d) * 0.01)  # classifier W (normalised in use)
-    centers = torch.nn.Parameter(torch.zeros(n_centers, d))  # DSA agents, moved by the pull
-    decay = [p for p in net.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in net.parameters() if p.requires_grad and p.dim() <= 1]
-    opt = torch.optim.SGD([{"params": decay + [weight], "weight_decay": cfg.optim.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    center_lr = lc.center_lr if lc.center_lr > 0 else cfg.optim.lr
-    center_opt = torch.optim.SGD([centers], lr=center_lr, momentum=lc.center_momentum)
+    trainer = local_trainer(cfg, data.num_identities, data.num_sequences)
+    net = trainer.module
 
     before = verify(net, data.unseen_images, data.unseen_label, spec.verification_pairs,
                     cfg.train.seed)
     g = torch.Generator().manual_seed(cfg.train.seed + 1)
-    neg_g = torch.Generator().manual_seed(cfg.train.seed + 2)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     net.train()
     for step in range(steps):
-        lr = cfg.optim.lr * lr_multiplier(step, cfg.optim)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if lc.center_lr <= 0:  # the reference: centers follow the net's learning rate
-            center_opt.param_groups[0]["lr"] = lr
         x, idx = mixed_batch(data, cfg, g)
-        feats = net(x)
-        lam = lambda_schedule(step, base=lc.lambda_base, gamma=lc.lambda_gamma,
-                              power=lc.lambda_power, lambda_min=lc.lambda_min)
-        logits = margin_logits(feats, weight, idx, n_id, kind=lc.margin, scale=lc.scale, m=lc.m,
-                               lam=lam, arcface_margin=lc.arcface_margin,
-                               cosface_margin=lc.cosface_margin,
-                               reference_grad=lc.reference_margin_grad)
-        chief = lsr_cross_entropy(logits, idx, n_id)
-        negatives = sample_negatives(n_centers, lc.dsa_p, generator=neg_g, mode=lc.dsa_sampler)
-        dsa = dsa_terms(feats, idx, centers, n_id, negatives, lam=lc.dsa_lambda,
-                        alpha=lc.dsa_alpha, beta=lc.dsa_beta,
-                        normalize_scale=lc.dsa_normalize_scale)
-        total = lc.chief_weight * chief + lc.dsa_weight * dsa.loss
-        opt.zero_grad(set_to_none=True)
-        center_opt.zero_grad(set_to_none=True)
-        total.backward()  # centers.grad is now the center update, whatever dsa_weight is
-        opt.step()
-        center_opt.step()
-
-        history.append({"total": total.item(), "chief": chief.item(), "dsa": dsa.loss.item(),
-                        "pull": dsa.pull.item(), "push": dsa.push.item(),
-                        "active": dsa.active_fraction.item()})
+        res = trainer.step(x, idx, step)
+        o = res.out
+        history.append({"total": float(o.loss.detach()), "chief": float(o.chief),
+                        "dsa": float(o.dsa), "pull": float(o.dsa_pull),
+                        "push": float(o.dsa_push), "active": float(o.active_fraction)})
         if progress is not None:
             progress(1)
         if log is not None and ((step + 1) % cfg.train.log_every == 0 or step == 0):
             h = history[-1]
-            log(f"step {step + 1:5d}/{steps}  lr {lr:.4g}  "
+            log(f"step {step + 1:5d}/{steps}  lr {res.lr:.4g}  "
                 + "  ".join(f"{k} {h[k]:.4f}" for k in TERMS))
     seconds = time.perf_counter() - start
     after = verify(net, data.unseen_images, data.unseen_label, spec.verification_pairs,
@@ -301,12 +266,12 @@ def _run_smoke(cfg: Config, spec: SyntheticSpec, log: Callable[[str], None] | No
         "verification_accuracy": after["accuracy"],
         "verification_threshold": after["threshold"],
         "verification_accuracy_untrained": before["accuracy"],
-        "num_identities": n_id,
+        "num_identities": data.num_identities,
         "num_sequences": data.num_sequences,
         "history": history,
         "model": net,
-        "classifier": weight.detach(),
-        "centers": centers.detach(),
+        "classifier": trainer.head.weight.detach(),
+        "centers": trainer.head.centers.detach(),  # R = 1: identity rows, then sequences
     }
 
 

@@ -3,11 +3,9 @@
 ``train_func(config)`` is handed to ``TorchTrainer``; Ray has already created the
 process group (gloo on CPU, NCCL on GPU) and set RANK/WORLD_SIZE. Per step:
 
-    images, centers = next(batches)                 # identities + sequences, this rank
-    feats = engine(images)                          # data-parallel backbone (DeepSpeed)
-    out = head(feats, centers, step=step)           # global-batch loss, row-parallel head
-    engine.backward(out.loss)                       # also fills the head's row gradients
-    clip; engine.step(); head_opt.step()
+    images, center_index = next(batches)            # identities + sequences, this rank
+    res = trainer.step(images, center_index, step)  # seqface_dist.train.step: the one step
+    # inside: engine(images) -> head(feats, ...) -> engine.backward -> clip -> both steps
 
 The head is never given to DeepSpeed (it would broadcast and average the row blocks); the
 features' all-gather hands each rank the gradient of the *global* loss, and DeepSpeed
@@ -21,12 +19,15 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from seqface_dist.config import Config, config_from_dict
+from seqface_dist.data.loader import TrainLoader, make_train_loader
+from seqface_dist.train.checkpoint import RunState
+from seqface_dist.train.step import Trainer, backbone_optimizer, build_head
 
 
 def _deepspeed(cfg: Config):
@@ -50,26 +51,6 @@ def ds_config(cfg: Config, micro_batch: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-
-
-def clip_gradients(engine, head, max_norm: float, comm) -> float:
-    """Clip the global gradient norm over backbone and head rows together; return it.
-
-    Backbone gradients are identical on every rank after DeepSpeed's all-reduce (ZeRO 0);
-    the head's row gradients are disjoint blocks, so their squares are summed over ranks.
-    The center update is not a gradient and is not clipped.
-    """
-    bb = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    sq_bb = sum(g.float().square().sum() for g in bb) if bb else torch.zeros(())
-    hw = head.weight.grad
-    sq_head = hw.float().square().sum() if hw is not None else torch.zeros(())
-    sq_head = comm.all_reduce_(sq_head.reshape(1).to(head.weight.device)).squeeze(0)
-    norm = float(torch.sqrt(sq_bb.to(sq_head.device) + sq_head))
-    if max_norm > 0 and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for g in bb + ([hw] if hw is not None else []):
-            g.mul_(coef)
-    return norm
 
 
 class _Batches:
@@ -97,25 +78,17 @@ class _Worker:
     cfg: Config
     rank: int
     world: int
-    device: torch.device
-    loader: object
-    engine: object
-    head: object
-    head_opt: torch.optim.Optimizer
-    comm: object
-    state: object  # RunState
-    optimizers: list = field(default_factory=list)
-    base_lrs: list = field(default_factory=list)
+    loader: TrainLoader
+    trainer: Trainer
+    state: RunState
 
 
 def _build(cfg: Config) -> _Worker:
     """Process group, shard loader, DeepSpeed backbone and the head beside it."""
     import ray.train
 
-    from seqface_dist.data.loader import make_train_loader
     from seqface_dist.models import build_backbone
-    from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
-    from seqface_dist.train.checkpoint import RunState
+    from seqface_dist.parallel import Comm
 
     deepspeed = _deepspeed(cfg)
     ctx = ray.train.get_context()
@@ -128,24 +101,21 @@ def _build(cfg: Config) -> _Worker:
     loader = make_train_loader(cfg.data, rank=rank, world_size=world,
                                image_size=tuple(cfg.model.input_size),
                                channels=cfg.model.in_channels, seed=cfg.train.seed)
-    o = cfg.optim
     backbone = build_backbone(cfg.model)
-    bb_opt = torch.optim.SGD(backbone.parameters(), lr=o.lr, momentum=o.momentum,
-                             weight_decay=o.weight_decay)
+    bb_opt = backbone_optimizer(backbone, cfg.optim)
     engine, bb_opt, _, _ = deepspeed.initialize(
         model=backbone, optimizer=bb_opt, config=ds_config(cfg, loader.batch_size))
     comm = Comm()
     layout = loader.layout
-    spec = HeadSpec(layout.num_identities, layout.num_sequences, cfg.model.embedding_dim,
-                    seed=cfg.train.seed)
-    head = PartitionedHead(spec, cfg.loss, comm, device=device, feature_grad_scale=world)
-    head_opt = head.make_optimizer(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    # DeepSpeed averages backbone gradients over R ranks; the head's loss is already the
+    # global batch's, so the features' gather scales their gradient by R.
+    head, head_opt, spec = build_head(cfg, layout.num_identities, layout.num_sequences, comm,
+                                      device, feature_grad_scale=world)
     state = RunState(world_size=world, zero_stage=cfg.train.zero_stage, seed=cfg.train.seed,
                      head={"spec": asdict(spec), "layout": layout.to_dict()},
                      config=cfg.to_dict())
-    optimizers = [bb_opt, head_opt]
-    return _Worker(cfg, rank, world, device, loader, engine, head, head_opt, comm, state,
-                   optimizers, [[g["lr"] for g in opt.param_groups] for opt in optimizers])
+    trainer = Trainer(cfg, engine, head, head_opt, bb_opt, comm, device)
+    return _Worker(cfg, rank, world, loader, trainer, state)
 
 
 def _resume(w: _Worker) -> None:
@@ -160,7 +130,8 @@ def _resume(w: _Worker) -> None:
     if resume is None:
         return
     with resume.as_directory() as d:
-        old = load_checkpoint(d, engine=w.engine, head=w.head, head_optimizer=w.head_opt,
+        t = w.trainer
+        old = load_checkpoint(d, engine=t.engine, head=t.head, head_optimizer=t.head_opt,
                               rank=w.rank, world_size=w.world)
     # A partly read epoch is not replayed: its batches are drawn afresh.
     w.state.step, w.state.epoch, w.state.samples_seen = old.step, old.epoch + 1, \
@@ -182,7 +153,7 @@ def _start_metrics(w: _Worker):
                                            w.world, node_ip)
     if target and w.cfg.metrics.service_discovery_dir:
         register_endpoint(w.cfg.train.run_name, w.rank, node_ip, target)
-    h = w.head
+    h = w.trainer.head
     metrics.set_head_rows(classifier=h.weight.shape[0],
                           identity_centers=h.id_rows[1] - h.id_rows[0],
                           sequence_centers=h.seq_rows[1] - h.seq_rows[0])
@@ -203,10 +174,6 @@ def train_func(config: dict) -> None:
     """The per-worker loop (``TorchTrainer(train_loop_per_worker=train_func)``)."""
     import torch.distributed as dist
 
-    from seqface_dist.data.loader import normalize
-    from seqface_dist.losses import lambda_schedule
-    from seqface_dist.train.schedule import lr_multiplier, set_lr
-
     cfg = config_from_dict(config["cfg"])
     # Ray Train logs every report at INFO; our own progress line says it once.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -220,48 +187,29 @@ def train_func(config: dict) -> None:
 
         vset = load_verification_set(cfg.eval.pairs, root=cfg.eval.root or None)
 
-    o, state, engine, head, comm = cfg.optim, w.state, w.engine, w.head, w.comm
+    o, state, trainer = cfg.optim, w.state, w.trainer
     batches = _Batches(w.loader, state.epoch)
     global_batch = w.loader.batch_size * w.world
     window = {"t0": time.perf_counter(), "samples": 0}
     try:
         while state.step < o.max_steps:
             t0 = time.perf_counter()
-            images, centers = batches.next()
-            t1 = time.perf_counter()
+            images, center_index = batches.next()
+            data_wait = time.perf_counter() - t0
             step = state.step
-            factor = lr_multiplier(step, o)
-            set_lr(w.optimizers, w.base_lrs, factor)
-            lam = lambda_schedule(step, base=cfg.loss.lambda_base, gamma=cfg.loss.lambda_gamma,
-                                  power=cfg.loss.lambda_power, lambda_min=cfg.loss.lambda_min)
-            comm_before = comm.seconds
-            feats = engine(normalize(images.to(w.device, non_blocking=True)))
-            out = head(feats, centers.to(w.device), step=step)
-            t2 = time.perf_counter()
-            engine.backward(out.loss)
-            t3 = time.perf_counter()
             last = step + 1 >= o.max_steps
             log_now = (step + 1) % cfg.train.log_every == 0 or last
-            # The norm costs a pass over every gradient: only when clipping or logging it.
-            grad_norm = (clip_gradients(engine, head, o.grad_clip, comm)
-                         if o.grad_clip > 0 or log_now else float("nan"))
-            engine.step()
-            w.head_opt.step()
-            w.head_opt.zero_grad(set_to_none=True)
-            t4 = time.perf_counter()
+            res = trainer.step(images, center_index, step, want_grad_norm=log_now)
+            out = res.out
             state.step += 1
             state.samples_seen += global_batch
             state.epoch = batches.epoch
             window["samples"] += global_batch
 
-            losses = {"chief": float(out.chief), "lsr": float(out.chief_lsr),
-                      "dsa_pull": float(out.dsa_pull), "dsa_push": float(out.dsa_push),
-                      "total": float(out.loss.detach())}
-            metrics.observe_step({"data_wait": t1 - t0, "forward": t2 - t1,
-                                  "backward": t3 - t2, "optimizer": t4 - t3,
-                                  "communication": comm.seconds - comm_before},
+            losses = res.losses()
+            metrics.observe_step({"data_wait": data_wait, **res.seconds},
                                  {k: v for k, v in losses.items() if v == v},
-                                 w.loader.batch_size, lr=o.lr * factor, lam=lam,
+                                 w.loader.batch_size, lr=res.lr, lam=out.lam,
                                  active_hinge_fraction=float(out.active_fraction),
                                  step=state.step)
             report = None
@@ -273,19 +221,19 @@ def train_func(config: dict) -> None:
                 report = {"step": state.step, "epoch": state.epoch, **losses,
                           "chief_identity": float(out.chief_identity),
                           "dsa": float(out.dsa), "active_fraction": float(out.active_fraction),
-                          "lr": o.lr * factor, "lambda": lam, "grad_norm": grad_norm,
+                          "lr": res.lr, "lambda": out.lam, "grad_norm": res.grad_norm,
                           "samples_per_second": rate, "samples_seen": state.samples_seen,
                           **where}
                 if vset is not None and (last or (cfg.eval.every_steps and
                                              state.step % cfg.eval.every_steps == 0)):
-                    report.update(_evaluate(engine.module, vset, cfg, state.step, metrics))
+                    report.update(_evaluate(trainer.module, vset, cfg, state.step, metrics))
                 if w.rank == 0:
                     _log(cfg, report)
             # Ray hears of the run only at checkpoints: each ray.train.report waits for the
             # controller's next poll (~2 s), too slow for every logged step.
             if state.step % cfg.train.checkpoint_every == 0 or last:
-                _checkpoint(report or {"step": state.step, **losses}, engine, head,
-                            w.head_opt, state, w.rank, dist, cfg if last else None)
+                _checkpoint(report or {"step": state.step, **losses}, trainer, state, w.rank,
+                            dist, cfg if last else None)
     finally:
         metrics.stop()
 
@@ -310,7 +258,7 @@ def _evaluate(model, vset, cfg: Config, step: int, metrics) -> dict:
     return {f"eval_{k}": float(v) for k, v in res.metrics().items()}
 
 
-def _checkpoint(metrics: dict, engine, head, head_opt, state, rank, dist,
+def _checkpoint(report: dict, trainer: Trainer, state: RunState, rank: int, dist,
                 export_cfg: Config | None = None) -> None:
     """Collective: every rank writes its files and calls ray.train.report with them.
 
@@ -324,10 +272,11 @@ def _checkpoint(metrics: dict, engine, head, head_opt, state, rank, dist,
         if export_cfg is not None and rank == 0:
             from seqface_dist.train.export import export_embedding
 
-            export_embedding(engine.module, export_cfg.model, os.path.join(d, "export"))
-        save_checkpoint(d, engine=engine, head=head, head_optimizer=head_opt, state=state,
-                        rank=rank, barrier=dist.barrier)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            export_embedding(trainer.module, export_cfg.model, os.path.join(d, "export"))
+        save_checkpoint(d, engine=trainer.engine, head=trainer.head,
+                        head_optimizer=trainer.head_opt, state=state, rank=rank,
+                        barrier=dist.barrier)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def history_path(cfg: Config) -> Path | None:
