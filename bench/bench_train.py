@@ -5,12 +5,12 @@
 
 (a) images/s of the whole stack (``seqface_dist.train.driver.run``: Ray Train, one worker,
     DeepSpeed-wrapped backbone, ``PartitionedHead``, ``make_train_loader`` over local
-    shards, Prometheus metrics on) against a bare loop in a fresh process: the same
-    backbone (``build_backbone``, same seed), the same loss (``PartitionedHead`` with a
-    one-rank ``Comm()``, i.e. the same math as the stack's head), plain ``torch.optim.SGD``,
-    the same thread count, fed by the *same* ``make_train_loader`` over the same shards
-    (the fair comparison); a second bare run cycles pre-decoded batches held in memory
-    (no data path at all) to show what the loader costs. Target: stack >= 0.9x bare.
+    shards, Prometheus metrics on) against a bare loop in a fresh process: the same step
+    function (``seqface_dist.train.step.Trainer``, as the worker runs it) over a plain
+    module (``LocalEngine``: torch SGD, no DeepSpeed), the same seed and thread count,
+    fed by the *same* ``make_train_loader`` over the same shards (the fair comparison);
+    a second bare run cycles pre-decoded batches held in memory (no data path at all) to
+    show what the loader costs. Target: stack >= 0.9x bare.
     Same init, data and optimizer, so the two runs' losses at the first logged steps must
     agree to float noise: printed, as evidence that both do the same work.
 (b) 2 workers x 1 torch thread against 1 worker x 2 threads, the same global batch
@@ -105,10 +105,8 @@ def bare_loop(cfg_dict: dict, warmup: int, predecoded: bool) -> dict:
     """The same training step without Ray or DeepSpeed, in this (fresh) process."""
     import torch
 
-    from seqface_dist.data.loader import make_train_loader, normalize
-    from seqface_dist.models import build_backbone
-    from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
-    from seqface_dist.train.schedule import lr_multiplier, set_lr
+    from seqface_dist.data.loader import make_train_loader
+    from seqface_dist.train.step import local_trainer
 
     cfg = config_from_dict(cfg_dict)
     torch.set_num_threads(cfg.train.cpus_per_worker)
@@ -116,17 +114,10 @@ def bare_loop(cfg_dict: dict, warmup: int, predecoded: bool) -> dict:
     loader = make_train_loader(cfg.data, rank=0, world_size=1,
                                image_size=tuple(cfg.model.input_size),
                                channels=cfg.model.in_channels, seed=cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)  # as the worker: the same backbone init
-    net = build_backbone(cfg.model).train()
-    opt = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum,
-                          weight_decay=o.weight_decay)
     lay = loader.layout
-    head = PartitionedHead(HeadSpec(lay.num_identities, max(lay.num_sequences, 0),
-                                    cfg.model.embedding_dim, seed=cfg.train.seed),
-                           cfg.loss, Comm())
-    head_opt = head.make_optimizer(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    optimizers = [opt, head_opt]
-    base_lrs = [[g["lr"] for g in x.param_groups] for x in optimizers]
+    # The one training step, as the worker runs it, without Ray or DeepSpeed.
+    trainer = local_trainer(cfg, lay.num_identities, lay.num_sequences)
+    trainer.module.train()
 
     loader.set_epoch(0)
     batches = iter(loader)
@@ -135,14 +126,8 @@ def bare_loop(cfg_dict: dict, warmup: int, predecoded: bool) -> dict:
         batches = (held[i % len(held)] for i in range(o.max_steps))
     stamps, losses = [], {}
     for step in range(o.max_steps):
-        images, centers = next(batches)
-        set_lr(optimizers, base_lrs, lr_multiplier(step, o))
-        out = head(net(normalize(images)), centers, step=step)
-        out.loss.backward()
-        opt.step()
-        head_opt.step()
-        opt.zero_grad(set_to_none=True)
-        head_opt.zero_grad(set_to_none=True)
+        images, center_index = next(batches)
+        out = trainer.step(images, center_index, step).out
         if (step + 1) % cfg.train.log_every == 0:
             losses[step + 1] = float(out.loss.detach())
         stamps.append(time.perf_counter())

@@ -38,12 +38,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.common import TrainData, TrainSpec, embed, train
+from experiments.common import (
+    CONDITIONS,
+    TrainData,
+    condition_config,
+    embed,
+    experiment_config,
+    train,
+)
 from experiments.glyphs import GlyphSet, available_fonts, load_glyphs, require_fonts
 from seqface_dist.eval.verification import cosine_scores, evaluate_scores
-from seqface_dist.models import tiny
 
-CONDITIONS = ("a-only", "lsr", "lsr-dsa", "upper")
 FARS = (1e-2, 1e-3)
 
 
@@ -55,6 +60,7 @@ class Split:
     b_chars: np.ndarray  # 0..n_b-1 (the character, used only by "upper")
     b_tracks: np.ndarray  # 0..n_seq-1
     c_images: np.ndarray
+    c_labels: np.ndarray  # 0..n_c-1
     pair_i: np.ndarray  # indices into c_images
     pair_j: np.ndarray
     issame: np.ndarray
@@ -94,6 +100,7 @@ def split_glyphs(gs: GlyphSet, n_a: int, n_b: int, n_c: int, track_len: int,
             b_track.append(np.full(len(part), n_seq))
             n_seq += 1
     c_idx = np.concatenate(list(rc.values()))
+    c_lab = np.concatenate([np.full(len(v), k) for k, v in enumerate(rc.values())])
     pos = {int(g): p for p, g in enumerate(c_idx)}
     c_rows = [np.array([pos[int(g)] for g in v]) for v in rc.values()]
     pi, pj, same, folds = [], [], [], []
@@ -107,13 +114,13 @@ def split_glyphs(gs: GlyphSet, n_a: int, n_b: int, n_c: int, track_len: int,
             pi.append(rng.choice(c_rows[x])), pj.append(rng.choice(c_rows[y]))
             same.append(False), folds.append(f)
     return Split(gs.images[a_idx], a_lab, gs.images[np.concatenate(b_idx)],
-                 np.concatenate(b_char), np.concatenate(b_track), gs.images[c_idx],
+                 np.concatenate(b_char), np.concatenate(b_track), gs.images[c_idx], c_lab,
                  np.asarray(pi), np.asarray(pj), np.asarray(same), np.asarray(folds),
                  n_a, n_b, n_seq, n_c)
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--n-a", type=int, default=1000, help="labeled classes")
+    ap.add_argument("--n-a", type=int, default=300, help="labeled classes")
     ap.add_argument("--n-b", type=int, default=1000, help="classes used as sequences")
     ap.add_argument("--n-c", type=int, default=1000, help="unseen classes for pairs")
     ap.add_argument("--min-fonts", type=int, default=18,
@@ -121,18 +128,15 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--track-len", type=int, default=5, help="fonts per B track (about)")
     ap.add_argument("--pairs-per-fold", type=int, default=300)
     ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--center-lr", type=float, default=0.1)
-    ap.add_argument("--scale", type=float, default=32.0)
-    ap.add_argument("--m", type=int, default=4)
-    ap.add_argument("--lam", type=float, default=5.0)
-    ap.add_argument("--emb-dim", type=int, default=64)
-    ap.add_argument("--dsa-p", type=float, default=0.01)
-    ap.add_argument("--dsa-lam", type=float, default=0.5)
-    ap.add_argument("--dsa-weight", type=float, default=0.04)
+    ap.add_argument("--config", default="local-cpu",
+                    help="the named base config (configs/<name>.yaml) or a YAML path")
+    ap.add_argument("--steps", type=int, default=1000, help="optim.max_steps")
+    ap.add_argument("--batch", type=int, default=64,
+                    help="labeled images per step (data.identities_per_batch); sequence "
+                         "conditions add as many B images (data.sequences_per_batch)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="config override (repeatable), e.g. "
+                    "--set loss.dsa_weight=0")
     ap.add_argument("--max-chars", type=int, default=None,
                     help="render only the first N eligible characters (smoke tests)")
     ap.add_argument("--min-installed-fonts", type=int, default=12)
@@ -155,12 +159,20 @@ def load_split(args: argparse.Namespace, log=print) -> Split:
     return split
 
 
+def glyph_overrides(args: argparse.Namespace, size: int) -> list[str]:
+    """The base config's recipe on glyphs: one grey channel, no mirroring, the budget."""
+    return [f"model.input_size=[{size}, {size}]", "model.in_channels=1", "data.flip=false",
+            f"optim.max_steps={args.steps}", f"data.identities_per_batch={args.batch}",
+            f"data.sequences_per_batch={args.batch}", *args.overrides]
+
+
 def run_one(split: Split, condition: str, seed: int, args: argparse.Namespace,
-            *, dsa_p: float | None = None, dsa_lam: float | None = None,
-            dsa_weight: float | None = None, log=print) -> dict:
+            overrides: list[str] | None = None, *, log=print) -> dict:
     """Train one condition with one seed; verification figures on the C pairs."""
-    if condition not in CONDITIONS:
-        raise ValueError(f"condition {condition!r}: choose from {CONDITIONS}")
+    size = split.a_images.shape[1]
+    cfg = experiment_config(args.config, glyph_overrides(args, size) + list(overrides or [])
+                            + [f"train.seed={seed}"])
+    cfg = condition_config(cfg, condition)
     if condition == "upper":
         data = TrainData(np.concatenate([split.a_images, split.b_images]),
                          np.concatenate([split.a_labels, split.b_chars + split.n_a]),
@@ -168,31 +180,39 @@ def run_one(split: Split, condition: str, seed: int, args: argparse.Namespace,
     else:
         data = TrainData(split.a_images, split.a_labels, split.n_a, split.b_images,
                          split.b_tracks, split.n_seq)
-    spec = TrainSpec(steps=args.steps, batch=args.batch, optimizer=args.optimizer, lr=args.lr,
-                     scale=args.scale, m=args.m, lam=args.lam,
-                     use_sequences=condition in ("lsr", "lsr-dsa"),
-                     use_dsa=condition == "lsr-dsa",
-                     dsa_p=args.dsa_p if dsa_p is None else dsa_p,
-                     dsa_lam=args.dsa_lam if dsa_lam is None else dsa_lam,
-                     dsa_weight=args.dsa_weight if dsa_weight is None else dsa_weight,
-                     center_lr=args.center_lr, seed=seed, log_every=max(1, args.steps // 4))
-    torch.manual_seed(seed)
-    size = split.a_images.shape[1:]
-    net = tiny(in_channels=1, embedding_dim=args.emb_dim, input_size=list(size))
-    final = train(net, data, spec, log=log, tag=f"{condition}/seed{seed}")
+    net, final, weight = train(cfg, data, log=log, tag=f"{condition}/seed{seed}")
     feats = embed(net, split.c_images)
     res = evaluate_scores(cosine_scores(feats[split.pair_i], feats[split.pair_j]),
                           split.issame, folds=split.folds, far_targets=FARS)
     out = {"condition": condition, "seed": seed, "accuracy": res.accuracy,
            "accuracy_fold_std": res.accuracy_std, "auc": res.auc, "final": final,
-           "dsa_p": spec.dsa_p, "dsa_lam": spec.dsa_lam, "dsa_weight": spec.dsa_weight}
+           "sequence_mode": cfg.loss.sequence_mode if cfg.data.sequences_per_batch else "-",
+           "dsa_p": cfg.loss.dsa_p, "dsa_lam": cfg.loss.dsa_lambda,
+           "dsa_weight": cfg.loss.dsa_weight,
+           **collapse_diagnostics(feats, split.c_labels, weight[:split.n_a].double().numpy())}
     for t in res.tar_at_far:
         out[f"tar@far={t.far_target:g}"] = t.tar
     log(f"[{condition} seed {seed}] C pairs: accuracy {res.accuracy:.4f} ± "
         f"{res.accuracy_std:.4f} (10 folds), " + ", ".join(
             f"TAR@FAR={t.far_target:g} {t.tar:.4f}" for t in res.tar_at_far)
-        + f", AUC {res.auc:.4f} ({final['seconds']:.0f} s)")
+        + f", AUC {res.auc:.4f}, best cos to W {out['best_cos_to_w']:.3f} "
+        f"({final['seconds']:.0f} s)")
     return out
+
+
+def collapse_diagnostics(feats: np.ndarray, labels: np.ndarray, weight: np.ndarray) -> dict:
+    """How unseen classes sit against the labeled classes' weights: the mean over unseen
+    classes of the best cosine of the class's mean feature to any identity row of W, and
+    the mean share of a unit feature's energy inside the span of those rows."""
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(1e-12)
+    w = weight / np.linalg.norm(weight, axis=1, keepdims=True).clip(1e-12)
+    classes = np.unique(labels)
+    means = np.stack([f[labels == c].mean(0) for c in classes])
+    means /= np.linalg.norm(means, axis=1, keepdims=True).clip(1e-12)
+    q, _ = np.linalg.qr(w.T)  # orthonormal basis of the rows' span (D x min(N, D))
+    energy = np.square(f @ q).sum(1)
+    return {"best_cos_to_w": float((means @ w.T).max(1).mean()),
+            "energy_in_w_span": float(energy.mean())}
 
 
 def summarise(results: list[dict], key_fields: tuple[str, ...]) -> list[dict]:
@@ -204,7 +224,8 @@ def summarise(results: list[dict], key_fields: tuple[str, ...]) -> list[dict]:
     for key, rs in groups.items():
         row = dict(zip(key_fields, key, strict=True))
         row["seeds"] = [r["seed"] for r in rs]
-        for metric in ["accuracy", "auc"] + [f"tar@far={f:g}" for f in FARS]:
+        for metric in ["accuracy", "auc", "best_cos_to_w", "energy_in_w_span"] + \
+                [f"tar@far={f:g}" for f in FARS]:
             v = np.array([r[metric] for r in rs])
             row[metric] = float(v.mean())
             row[metric + "_std"] = float(v.std())
@@ -234,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(ap)
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--upper-from", default="a-only",
+                    help="the baseline of the recovered share (acc - base) / (upper - base)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="docs", help="folder for cjk_table.json / .md")
     args = ap.parse_args(argv)
@@ -250,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.append(run_one(split, cond, seed, args,
                                    log=lambda s: print(s, flush=True)))
     rows = summarise(results, ("condition",))
+    add_recovered(rows, results, args.upper_from)
     for row in rows:
         row["command"] = command_for(argv, "experiments.cjk_table",
                                      conditions=row["condition"])
@@ -269,12 +293,29 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def add_recovered(rows: list[dict], results: list[dict], base: str = "a-only") -> None:
+    """Each row's share of the labeled gain, (acc - base) / (upper - base), per seed (the
+    same seed's base and upper), as mean ± std; absent without both reference rows."""
+    by = {(r["condition"], r["seed"]): r["accuracy"] for r in results}
+    for row in rows:
+        shares = [(by[(row["condition"], s)] - by[(base, s)]) / (by[("upper", s)] - by[(base, s)])
+                  for s in row["seeds"] if (base, s) in by and ("upper", s) in by
+                  and by[("upper", s)] != by[(base, s)]]
+        if shares:
+            row["recovered"] = float(np.mean(shares))
+            row["recovered_std"] = float(np.std(shares))
+
+
 def markdown_table(rows: list[dict], first: str = "condition") -> str:
-    head = [first, "10-fold acc.", "TAR@FAR=1e-2", "TAR@FAR=1e-3", "AUC", "seeds"]
+    head = [first, "10-fold acc.", "TAR@FAR=1e-2", "TAR@FAR=1e-3", "AUC", "recovered",
+            "best cos to W", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r[first])] + [f"{r[k]:.4f} ± {r[k + '_std']:.4f}" for k in
                                    ("accuracy", "tar@far=0.01", "tar@far=0.001", "auc")]
+        cells.append(f"{r['recovered']:+.2f} ± {r['recovered_std']:.2f}" if "recovered" in r
+                     else "")
+        cells.append(f"{r['best_cos_to_w']:.3f}")
         cells.append(",".join(map(str, r["seeds"])))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,58 +1,37 @@
-"""One small single-process SeqFace training loop shared by the experiments.
+"""What the experiments share: in-memory data, the conditions, and training through the one
+training step (`seqface_dist.train.step.Trainer`, as `seqface train` runs it).
 
-A batch mixes identity samples (center index = identity) and sequence samples (center index
-= N_id + sequence), like the reference's 32 + 32 per GPU. The chief loss is the
-L2-constrained A-Softmax with LSR for sequence rows (`seqface_dist.losses`), the auxiliary
-loss DSA with the center-loss style center update (the centers' `.grad`), DESIGN §2.
-Runs without sequences use the same total batch of identity samples, so every condition
-sees the same number of images per step and the same number of steps.
+An experiment's run is a config tree like any `seqface` command's: a named base (a file in
+`configs/`, default `local-cpu`, the config a new user starts from) plus `key=value`
+overrides. Budget rule: every condition draws `data.identities_per_batch` labeled images
+per step for `optim.max_steps` steps; conditions with sequences add
+`data.sequences_per_batch` B images on top; `a-only-2x` is the compute-matched control
+(A only, at the doubled batch); `upper` labels B (its characters become identities).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from seqface_dist.losses import (
-    dsa_terms,
-    lambda_schedule,
-    lsr_cross_entropy,
-    margin_logits,
-    sample_negatives,
-)
+from seqface_dist.config import SEQUENCE_MODES, Config, load_config
+from seqface_dist.data.loader import normalize
+from seqface_dist.train.step import local_trainer
 
-
-@dataclass
-class TrainSpec:
-    steps: int = 1000
-    optimizer: str = "sgd"  # "sgd" (momentum) or "adam", for the net and W
-    batch: int = 128  # samples per step; half identities, half sequences when sequences used
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    margin: str = "sphereface"
-    m: int = 4
-    scale: float = 32.0
-    lam: float = 5.0  # SphereFace lambda (reference: constant 5)
-    use_sequences: bool = False  # LSR on sequence samples
-    use_dsa: bool = False
-    dsa_weight: float = 0.04
-    dsa_p: float = 0.01
-    dsa_lam: float = 0.5
-    dsa_alpha: float = 2.0
-    dsa_beta: float = 1.0
-    center_lr: float = 0.1
-    seed: int = 0
-    log_every: int = 100
+ROOT = Path(__file__).resolve().parents[1]
+# condition -> sequence_mode (None: no sequence samples)
+CONDITIONS: dict[str, str | None] = {"a-only": None, "a-only-2x": None, "upper": None,
+                                     **{m: m for m in SEQUENCE_MODES}}
 
 
 @dataclass
 class TrainData:
-    """Images as uint8 or float arrays (n, H, W); identities 0..N_id-1, sequences 0..N_seq-1."""
+    """uint8 images (n, H, W); identities 0..N_id-1, sequences 0..N_seq-1."""
 
     id_images: np.ndarray
     id_labels: np.ndarray
@@ -62,104 +41,82 @@ class TrainData:
     num_sequences: int = 0
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(n, H, W) uint8 (ink 255) or float in [0, 1] -> (n, 1, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return (x.unsqueeze(1) - 0.5) / 0.5
+def experiment_config(base: str = "local-cpu", overrides: list[str] | None = None) -> Config:
+    """configs/<base>.yaml (or a path) with `key=value` overrides, validated."""
+    path = Path(base)
+    if not path.suffix:
+        path = ROOT / "configs" / f"{base}.yaml"
+    return load_config(path, overrides or [])
 
 
-def _cosine_lr(base: float, step: int, steps: int) -> float:
-    return 0.5 * base * (1.0 + np.cos(np.pi * step / max(1, steps)))
+def condition_config(cfg: Config, condition: str) -> Config:
+    """The run's config of one condition under the budget rule."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition {condition!r}: choose from {', '.join(CONDITIONS)}")
+    d = cfg.to_dict()
+    if condition == "a-only":
+        d["data"]["sequences_per_batch"] = 0
+    elif condition in ("a-only-2x", "upper"):  # upper: B labeled, drawn with A
+        d["data"]["identities_per_batch"] += d["data"]["sequences_per_batch"]
+        d["data"]["sequences_per_batch"] = 0
+    elif CONDITIONS[condition]:
+        d["loss"]["sequence_mode"] = CONDITIONS[condition]
+    from seqface_dist.config import config_from_dict
+
+    return config_from_dict(d)
 
 
-def train(net: nn.Module, data: TrainData, spec: TrainSpec, *, log=print,
-          tag: str = "") -> dict[str, float]:
-    """Train `net` (images -> features) in place; returns a few final figures for the log."""
-    if spec.use_dsa and not spec.use_sequences:
-        raise ValueError("TrainSpec: use_dsa needs use_sequences (DSA here is on A + B)")
-    if spec.use_sequences and (data.seq_images is None or data.num_sequences == 0):
-        raise ValueError("TrainSpec: use_sequences but the data has no sequences")
-    gen = torch.Generator().manual_seed(spec.seed)
-    torch.manual_seed(spec.seed)
-    n_id = data.num_identities
-    dim = net(to_tensor(data.id_images[:2])).shape[1]
-    weight = nn.Parameter(torch.randn(n_id, dim, generator=gen) * 0.01)
-    n_centers = n_id + (data.num_sequences if spec.use_dsa else 0)
-    centers = nn.Parameter(torch.zeros(n_centers, dim))
-    params = list(net.parameters()) + [weight]
-    if spec.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
-                              weight_decay=spec.weight_decay)
-    elif spec.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=spec.lr)
-    else:
-        raise ValueError(f"TrainSpec.optimizer: {spec.optimizer!r} is not 'sgd' or 'adam'")
-    # Centers move only by the center-loss style update (their .grad), no weight decay.
-    copt = torch.optim.SGD([centers], lr=spec.center_lr, momentum=0.9)
-    id_x, id_y = to_tensor(data.id_images), torch.from_numpy(data.id_labels).long()
-    if spec.use_sequences:
-        seq_x = to_tensor(data.seq_images)
-        seq_t = torch.from_numpy(data.seq_labels).long() + n_id
-        n_seq_batch = spec.batch // 2
-    else:
-        n_seq_batch = 0
-    n_id_batch = spec.batch - n_seq_batch
-    net.train()
+def to_batch(images: np.ndarray) -> torch.Tensor:
+    """(n, H, W) uint8 -> the loader's batch format, uint8 (n, H, W, 1)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(-1)
+
+
+def train(cfg: Config, data: TrainData, *, log=print,
+          tag: str = "") -> tuple[nn.Module, dict, torch.Tensor]:
+    """Train a fresh backbone on `data` with `cfg` through the one training step.
+
+    Identity samples are drawn with replacement from `data.id_*`, sequence samples (if
+    `data.sequences_per_batch` > 0) from `data.seq_*`; returns the net, the last step's
+    figures and the head's classifier rows (identity rows first).
+    """
+    ni, ns = cfg.data.identities_per_batch, cfg.data.sequences_per_batch
+    if ns and (data.seq_images is None or data.num_sequences == 0):
+        raise ValueError(f"{tag}: data.sequences_per_batch = {ns} but the data has no "
+                         f"sequences")
+    n_seq = data.num_sequences if ns else 0
+    trainer = local_trainer(cfg, data.num_identities, n_seq)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    id_x, id_y = to_batch(data.id_images), torch.from_numpy(data.id_labels).long()
+    if ns:
+        seq_x = to_batch(data.seq_images)
+        seq_t = torch.from_numpy(data.seq_labels).long() + data.num_identities
+    steps, every = cfg.optim.max_steps, max(1, cfg.optim.max_steps // 4)
+    trainer.module.train()
     t0, last = time.time(), {}
-    for step in range(spec.steps):
-        lr = _cosine_lr(spec.lr, step, spec.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for g in copt.param_groups:
-            g["lr"] = _cosine_lr(spec.center_lr, step, spec.steps)
-        pick = torch.randint(len(id_y), (n_id_batch,), generator=gen)
+    for step in range(steps):
+        pick = torch.randint(len(id_y), (ni,), generator=gen)
         x, t = id_x[pick], id_y[pick]
-        if n_seq_batch:
-            pick = torch.randint(len(seq_t), (n_seq_batch,), generator=gen)
+        if ns:
+            pick = torch.randint(len(seq_t), (ns,), generator=gen)
             x, t = torch.cat([x, seq_x[pick]]), torch.cat([t, seq_t[pick]])
-        feats = net(x)
-        logits = margin_logits(feats, weight, t, n_id, kind=spec.margin, scale=spec.scale,
-                               m=spec.m, lam=lambda_schedule(step, base=spec.lam,
-                                                             lambda_min=spec.lam))
-        chief = lsr_cross_entropy(logits, t, n_id)
-        loss = chief
-        if spec.use_dsa:
-            negs = sample_negatives(n_centers, spec.dsa_p, generator=gen)
-            terms = dsa_terms(feats, t, centers, n_id, negs, lam=spec.dsa_lam,
-                              alpha=spec.dsa_alpha, beta=spec.dsa_beta)
-            loss = loss + spec.dsa_weight * terms.loss
-        opt.zero_grad(set_to_none=True)
-        copt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if spec.use_dsa:
-            copt.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{tag} step {step}: loss is {float(loss)}")
-        last = {"loss": loss.item(), "chief": chief.item()}
-        if spec.use_dsa:
-            last.update(dsa=terms.loss.item(), active=terms.active_fraction.item())
-        if spec.log_every and ((step + 1) % spec.log_every == 0 or step + 1 == spec.steps):
-            with torch.no_grad():  # plain nearest-class accuracy (no margin) on identities
-                is_id = t < n_id
-                cos = nn.functional.normalize(feats[is_id]) @ nn.functional.normalize(weight).t()
-                acc = float((cos.argmax(1) == t[is_id]).float().mean())
-            figures = " ".join(f"{k} {v:.3f}" for k, v in last.items())
-            log(f"  {tag} step {step + 1}/{spec.steps} {figures} id-acc {acc:.3f} "
-                f"lr {lr:.4f} ({time.time() - t0:.0f} s)")
+        if cfg.data.flip:
+            flip = torch.rand(len(t), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(2), x)
+        res = trainer.step(x, t, step)
+        last = {k: v for k, v in res.losses().items() if v == v}
+        if (step + 1) % every == 0 or step + 1 == steps:
+            log(f"  {tag} step {step + 1}/{steps} " + " ".join(
+                f"{k} {v:.3f}" for k, v in last.items()) + f" lr {res.lr:.4f} "
+                f"({time.time() - t0:.0f} s)")
     last["seconds"] = time.time() - t0
-    return last
+    return trainer.module, last, trainer.head.weight.detach()
 
 
 @torch.no_grad()
 def embed(net: nn.Module, images: np.ndarray, batch: int = 512) -> np.ndarray:
-    """Features (n, D) of `images` with the net in eval mode."""
+    """Features (n, D) of uint8 (n, H, W) images, the net in eval mode."""
     net.eval()
-    out = [net(to_tensor(images[i:i + batch])).numpy() for i in range(0, len(images), batch)]
+    out = [net(normalize(to_batch(images[i:i + batch]))).numpy()
+           for i in range(0, len(images), batch)]
     net.train()
     return np.concatenate(out).astype(np.float64)
-
-
-def spec_dict(spec: TrainSpec) -> dict:
-    return asdict(spec)

@@ -3,13 +3,15 @@
 Digits 0-5 are labeled identities; digits 6-9 appear only as sequences: tracks of
 `--track-len` training images of one digit, `--tracks-per-digit` tracks per digit, each
 track its own sequence index (two tracks of one digit are not known to be one class).
-A small CNN (`tiny`, three conv layers) with a 2-D embedding is trained three ways with the
+A small CNN (`tiny`, three conv layers) with a 2-D embedding is trained four ways with the
 same budget (steps x batch):
 
-  softmax   the chief loss (A-Softmax) on identities 0-5 only
-  lsr       + sequences through LSR (uniform target over the 6 identities)
-  lsr-dsa   + DSA (identity and sequence centers; sequence rows never pushed from
-            sequence centers)
+  a-only            identities 0-5 only
+  lsr               + sequences through LSR (the paper: uniform target over the 6 identities)
+  sequence_classes  + sequences as classes of their own (one classifier row per track)
+  separate_heads    + sequences as classes in a softmax of their own
+Every run trains through the one training step with the base config (`--config`,
+default `configs/local-cpu.yaml`) at a 2-D embedding; DSA is on in all of them.
 
 and the raw 2-D features of the 10,000 test digits (all ten, colored) are plotted, one
 panel per run. The log also reports 10-fold verification accuracy on test pairs of the
@@ -30,14 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.common import TrainData, TrainSpec, embed, train
+from experiments.common import TrainData, condition_config, embed, experiment_config, train
 from seqface_dist.data.mnist import load_mnist
 from seqface_dist.eval.verification import cosine_scores, evaluate_scores
-from seqface_dist.models import tiny
 
 IDENTITY_DIGITS = (0, 1, 2, 3, 4, 5)
 SEQUENCE_DIGITS = (6, 7, 8, 9)
-RUNS = ("softmax", "lsr", "lsr-dsa")
+RUNS = ("a-only", "lsr", "sequence_classes", "separate_heads")  # conditions of common.py
 
 
 def make_tracks(x: np.ndarray, y: np.ndarray, digits, tracks_per_digit: int, track_len: int,
@@ -98,15 +99,12 @@ def plot(features: dict[str, np.ndarray], labels: np.ndarray, path: Path, title:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="local-cpu", help="the named base config")
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    ap.add_argument("--center-lr", type=float, default=0.1, help="DSA centers, SGD")
-    ap.add_argument("--scale", type=float, default=16.0, help="chief loss scale s")
-    ap.add_argument("--m", type=int, default=4, help="A-Softmax margin m")
-    ap.add_argument("--lam", type=float, default=5.0, help="A-Softmax lambda (constant)")
-    ap.add_argument("--dsa-p", type=float, default=0.1)
-    ap.add_argument("--dsa-weight", type=float, default=0.04)
+    ap.add_argument("--batch", type=int, default=64,
+                    help="identity images per step; sequence runs add as many track images")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--tracks-per-digit", type=int, default=20)
     ap.add_argument("--track-len", type=int, default=30)
     ap.add_argument("--limit", type=int, default=None,
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bad := [r for r in runs if r not in RUNS]:
         ap.error(f"--runs: unknown {bad}; choose from {RUNS}")
     t0 = time.time()
-    data = load_mnist(as_float=True)
+    data = load_mnist()  # uint8, the loader's format
     x, y = data["train"]
     xt, yt = data["test"]
     if args.limit:
@@ -137,17 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
     pi, pj, same = verification_pairs(yt, SEQUENCE_DIGITS, min(1500, len(yt) // 4),
                                       np.random.default_rng(1234))
     features, report = {}, {"args": vars(args), "runs": {}}
+    base = experiment_config(args.config, [
+        "model.embedding_dim=2", "model.input_size=[28, 28]", "model.in_channels=1",
+        "data.flip=false", "loss.dsa_p=0.1", f"optim.max_steps={args.steps}",
+        f"data.identities_per_batch={args.batch}", f"data.sequences_per_batch={args.batch}",
+        f"train.seed={args.seed}", *args.overrides])
     for name in runs:
-        torch.manual_seed(args.seed)
-        net = tiny(in_channels=1, embedding_dim=2, input_size=[28, 28])
-        spec = TrainSpec(steps=args.steps, batch=args.batch, optimizer="adam", lr=args.lr,
-                         scale=args.scale, m=args.m, lam=args.lam, use_sequences=name != "softmax",
-                         use_dsa=name == "lsr-dsa", dsa_p=args.dsa_p,
-                         dsa_weight=args.dsa_weight, center_lr=args.center_lr, seed=args.seed,
-                         log_every=max(1, args.steps // 5))
+        cfg = condition_config(base, name)
         tdata = TrainData(id_x, id_y, len(IDENTITY_DIGITS), seq_x, seq_q, n_seq)
         print(f"[{name}] training", flush=True)
-        last = train(net, tdata, spec, tag=name)
+        net, last, _ = train(cfg, tdata, tag=name)
         f = embed(net, xt)
         features[name] = f
         res = evaluate_scores(cosine_scores(f[pi], f[pj]), same, far_targets=(1e-2,))
@@ -159,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{res.accuracy_std:.4f}, AUC {res.auc:.4f}", flush=True)
     out = Path(args.out)
     title = (f"MNIST test features, 2-D embedding: digits 0-5 identities, 6-9 only as "
-             f"sequences (A-Softmax m={args.m}, s={args.scale:g}, {args.steps} steps)")
+             f"sequences ({base.loss.margin}, s={base.loss.scale:g}, {args.steps} steps)")
     plot(features, yt, out / "mnist2d.png", title)
     report["seconds"] = time.time() - t0
     (out / "mnist2d.json").write_text(json.dumps(report, indent=1, default=float))

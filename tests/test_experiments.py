@@ -81,8 +81,9 @@ def test_mnist_2d_end_to_end(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "mnist2d.json").read_text())
     for run in saved["runs"].values():
         assert 0.0 <= run["digits6to9_accuracy"] <= 1.0
-    assert "dsa" in saved["runs"]["lsr-dsa"]["final"]
-    assert "dsa" not in saved["runs"]["lsr"]["final"]
+    assert all("dsa_pull" in run["final"] for run in saved["runs"].values())
+    assert "lsr" in saved["runs"]["lsr"]["final"]  # sequence samples' chief term
+    assert "lsr" not in saved["runs"]["a-only"]["final"]
 
 
 def test_make_tracks_cuts_one_digit_per_track() -> None:
@@ -161,7 +162,7 @@ def test_claimed_code_points_stay_below_the_reserved_range(fonts) -> None:
 
 
 TINY = ["--max-chars", "60", "--min-fonts", "2", "--min-installed-fonts", "2", "--n-a", "10",
-        "--n-b", "10", "--n-c", "20", "--pairs-per-fold", "4", "--steps", "3", "--batch", "16"]
+        "--n-b", "10", "--n-c", "20", "--pairs-per-fold", "4", "--steps", "3", "--batch", "8"]
 
 
 def test_cjk_table_end_to_end(fonts, tmp_path_factory) -> None:
@@ -176,7 +177,11 @@ def test_cjk_table_end_to_end(fonts, tmp_path_factory) -> None:
         assert f"--conditions {cond}" in row["command"]
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["tar@far=0.001"] <= 1.0
     assert report["sizes"]["pairs"] == 80
-    assert "| lsr-dsa |" in (out / "cjk_table.md").read_text()
+    assert "| sequence_classes |" in (out / "cjk_table.md").read_text()
+    # The budget rule: sequence conditions add B on top of the same labeled images.
+    by_cond = {r["condition"]: r for r in report["runs"]}
+    assert by_cond["masked_softmax"]["sequence_mode"] == "masked_softmax"
+    assert by_cond["a-only"]["sequence_mode"] == "-"
 
 
 def test_cjk_sensitivity_end_to_end(fonts, tmp_path_factory) -> None:
@@ -188,4 +193,5 @@ def test_cjk_sensitivity_end_to_end(fonts, tmp_path_factory) -> None:
     assert settings[0] == "lsr (no DSA)" and settings[2:] == ["p=0.5", "w=0.1"]
     by_setting = {r["setting"]: r for r in report["runs"]}
     assert by_setting["p=0.5"]["dsa_p"] == 0.5 and by_setting["w=0.1"]["dsa_weight"] == 0.1
-    assert "--dsa-p 0.5" in report["rows"][2]["command"]
+    assert by_setting["lsr (no DSA)"]["dsa_weight"] == 0.0
+    assert "--set loss.dsa_p=0.5" in report["rows"][2]["command"]
