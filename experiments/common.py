@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from seqface_dist.config import SEQUENCE_MODES, Config, load_config
+from seqface_dist.config import SEQUENCE_MODES, Config, config_from_dict, load_named
 from seqface_dist.data.loader import normalize
 from seqface_dist.train.step import local_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 # condition -> sequence_mode (None: no sequence samples)
 CONDITIONS: dict[str, str | None] = {"a-only": None, "a-only-2x": None, "upper": None,
                                      **{m: m for m in SEQUENCE_MODES}}
@@ -42,11 +40,8 @@ class TrainData:
 
 
 def experiment_config(base: str = "local-cpu", overrides: list[str] | None = None) -> Config:
-    """configs/<base>.yaml (or a path) with `key=value` overrides, validated."""
-    path = Path(base)
-    if not path.suffix:
-        path = ROOT / "configs" / f"{base}.yaml"
-    return load_config(path, overrides or [])
+    """configs/<base>.yaml (or a YAML path) with `key=value` overrides, validated."""
+    return load_named(base, overrides)
 
 
 def condition_config(cfg: Config, condition: str) -> Config:
@@ -61,8 +56,6 @@ def condition_config(cfg: Config, condition: str) -> Config:
         d["data"]["sequences_per_batch"] = 0
     elif CONDITIONS[condition]:
         d["loss"]["sequence_mode"] = CONDITIONS[condition]
-    from seqface_dist.config import config_from_dict
-
     return config_from_dict(d)
 
 

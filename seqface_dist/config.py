@@ -355,6 +355,29 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "").validate()
 
 
+# The ready configs of the repository (configs/*.yaml): the named bases every command,
+# experiment and bench starts from (`local-cpu` is the one a new user starts from).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def named_config_path(name: str) -> Path:
+    """configs/<name>.yaml, or ``name`` itself when it is a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"config {name!r}: no {path} (named configs: {', '.join(known)}; "
+                          f"a non-editable install has none: pass a YAML path)")
+    return path
+
+
+def load_named(name: str, overrides: list[str] | None = None) -> Config:
+    """A named base config (``local-cpu``, ``reference``, ...) with overrides."""
+    return load_config(named_config_path(name), overrides)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
     data: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
     seqface smoke [--config F] [--steps N] [section.key=value ...]
     seqface train --config F [--resume-from URI] [--address ADDR] [section.key=value ...]
-    seqface demo [--out demo-out] [--steps 600] [--workers 2]
+    seqface demo [--out demo-out] [--steps 1200] [--workers 2] [--compare]
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-out", help="folder for shards, runs and the export")
     p.add_argument("--steps", type=int, default=1200, help="training steps")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--compare", action="store_true",
+                   help="also train the identities-only baseline on the same budget and "
+                        "print both accuracies side by side")
     p.set_defaults(handler=_demo)
 
 
@@ -84,5 +87,5 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.workers < 1:
         raise SystemExit("seqface demo: --steps and --workers must be >= 1")
-    run_demo(args.out, steps=args.steps, workers=args.workers)
+    run_demo(args.out, steps=args.steps, workers=args.workers, compare=args.compare)
     return 0

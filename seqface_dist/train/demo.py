@@ -4,9 +4,11 @@
    labeled identities; digits 6-9 are cut into unlabeled tracks ("face sequences") of
    30 images, each track its own sequence.
 2. A verification set (``.bin``, the field's layout) of held-out test-split pairs.
-3. Training with 2 Ray Train workers on the CPUs: DeepSpeed backbone, partitioned head,
-   LSR + DSA, checkpoints; rank 0 evaluates the pairs every few hundred steps.
+3. Training with 2 Ray Train workers on the CPUs from ``configs/local-cpu.yaml``:
+   DeepSpeed backbone, partitioned head, the default sequence handling + DSA,
+   checkpoints; rank 0 evaluates the pairs every few hundred steps.
 4. The exported model (no Ray, no DeepSpeed) is loaded back and evaluated on the pairs.
+5. ``--compare``: the identities-only baseline on the same budget, side by side.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqface_dist.config import Config, config_from_dict
+from seqface_dist.config import Config, load_named
 
 IDENTITY_DIGITS = tuple(range(6))
 SEQUENCE_DIGITS = tuple(range(6, 10))
@@ -55,62 +57,94 @@ def build_demo_data(out: Path, *, per_identity: int = 800, tracks_per_digit: int
     return paths
 
 
-def demo_config(out: Path, paths: dict, *, steps: int, workers: int) -> Config:
-    return config_from_dict({
-        "model": {"backbone": "tiny", "embedding_dim": 64, "input_size": [28, 28],
-                  "in_channels": 1},
-        "loss": {"scale": 16.0, "dsa_p": 0.2},
-        "data": {"identity_shards": [str(paths["ids"])],
-                 "sequence_shards": [str(paths["seqs"])],
-                 "identities_per_batch": 32, "sequences_per_batch": 32, "num_workers": 1,
-                 "shuffle_buffer": 500},
-        "optim": {"lr": 0.05, "max_steps": steps, "schedule": "cosine",
-                  "warmup_steps": min(20, steps // 10), "weight_decay": 5e-4},
-        "train": {"run_name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
-                  "storage_path": str((out / "runs").resolve()), "num_workers": workers,
-                  "log_every": 20, "checkpoint_every": max(steps // 2, 1),
-                  "max_failures": 1},
-        "metrics": {"enabled": False},
-        "eval": {"pairs": str(paths["pairs"]), "every_steps": max(steps // 2, 1),
-                 "flip_test": False},
-    })
+def demo_config(out: Path, paths: dict, *, steps: int, workers: int,
+                sequences: bool = True) -> Config:
+    """configs/local-cpu.yaml (the config a new user starts from) on the demo's data.
+
+    ``sequences=False``: the identities-only baseline on the same budget (the same
+    labeled images per step, the same steps; no sequence samples).
+    """
+    name = "demo" if sequences else "demo-identities-only"
+    overrides = [
+        f"data.identity_shards=[{paths['ids']}]",
+        f"data.sequence_shards=[{paths['seqs']}]" if sequences else "data.sequence_shards=[]",
+        *([] if sequences else ["data.sequences_per_batch=0"]),
+        "data.shuffle_buffer=500",
+        f"optim.max_steps={steps}", f"optim.warmup_steps={min(20, steps // 10)}",
+        f"train.run_name={name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        f"train.storage_path={(out / 'runs').resolve()}", f"train.num_workers={workers}",
+        "train.log_every=20", f"train.checkpoint_every={max(steps // 2, 1)}",
+        "train.max_failures=1", "metrics.enabled=false",
+        f"eval.pairs={paths['pairs']}", f"eval.every_steps={max(steps // 2, 1)}",
+        "eval.flip_test=false",
+    ]
+    return load_named("local-cpu", overrides)
 
 
-def run_demo(out_dir: str = "demo-out", *, steps: int = 400, workers: int = 2) -> dict:
-    """Build the data, train, evaluate the export; prints and returns a short report."""
+def _train_and_evaluate(cfg: Config, paths: dict, workers: int) -> tuple[dict, dict]:
+    """One run through the driver, then its export evaluated without Ray or DeepSpeed."""
     from seqface_dist.eval.embed import load_model
     from seqface_dist.eval.evaluate import evaluate_model, load_verification_set
     from seqface_dist.train.driver import run
 
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    print(f"[demo] 1/4 building MNIST shards and test pairs in {out}/ ...", flush=True)
-    paths = build_demo_data(out)
-    cfg = demo_config(out, paths, steps=steps, workers=workers)
-    print(f"[demo] 2/4 training {steps} steps with {workers} Ray workers (CPU, DeepSpeed, "
-          "partitioned head) ...", flush=True)
     result = run(cfg, num_cpus=max(2, workers))
     ckpt = Path(result.checkpoint.path)
     export = ckpt / "export" / "embedding.pt2"
-    print("[demo] 3/4 evaluating the exported model (no Ray, no DeepSpeed) ...", flush=True)
     vset = load_verification_set(paths["pairs"])
     res = evaluate_model(load_model(export), vset, flip=False, progress=False)
-    m = result.metrics
+    return result.metrics, {"accuracy": res.accuracy, "accuracy_std": res.accuracy_std,
+                            "pairs": len(vset), "checkpoint": str(ckpt),
+                            "export": str(export)}
+
+
+def run_demo(out_dir: str = "demo-out", *, steps: int = 400, workers: int = 2,
+             compare: bool = False) -> dict:
+    """Build the data, train, evaluate the export; prints and returns a short report.
+
+    ``compare``: also train the identities-only baseline on the same budget and print
+    both accuracies side by side.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    total = 5 if compare else 4
+    print(f"[demo] 1/{total} building MNIST shards and test pairs in {out}/ ...", flush=True)
+    paths = build_demo_data(out)
+    cfg = demo_config(out, paths, steps=steps, workers=workers)
+    mode = cfg.loss.sequence_mode
+    print(f"[demo] 2/{total} training {steps} steps with {workers} Ray workers (CPU, "
+          f"DeepSpeed, partitioned head; sequences: {mode}) and evaluating the exported "
+          "model (no Ray, no DeepSpeed) ...", flush=True)
+    m, ev = _train_and_evaluate(cfg, paths, workers)
     report = {
-        "steps": m["step"], "loss_total": m["total"], "loss_chief": m["chief"],
-        "loss_lsr": m["lsr"], "dsa_pull": m["dsa_pull"], "dsa_push": m["dsa_push"],
-        "accuracy": res.accuracy, "accuracy_std": res.accuracy_std,
-        "checkpoint": str(ckpt), "export": str(export), "seconds": time.perf_counter() - t0,
+        "steps": m["step"], "sequence_mode": mode, "loss_total": m["total"],
+        "loss_chief": m["chief"], "loss_lsr": m["lsr"], "dsa_pull": m["dsa_pull"],
+        "dsa_push": m["dsa_push"], **ev,
     }
-    print("[demo] 4/4 report\n"
-          f"  trained steps        {report['steps']}\n"
-          f"  final loss terms     total {m['total']:.3f} | chief {m['chief']:.3f} "
-          f"(LSR part {m['lsr']:.3f}) | DSA pull {m['dsa_pull']:.3f} push "
-          f"{m['dsa_push']:.3f}\n"
-          f"  verification         {res.accuracy:.4f} ± {res.accuracy_std:.4f} 10-fold accuracy "
-          f"on {len(vset)} held-out MNIST test "
-          "pairs (chance 0.5)\n"
-          f"  checkpoint           {ckpt}\n"
-          f"  exported model       {export}\n"
-          f"  wall time            {report['seconds']:.0f} s", flush=True)
+    if compare:
+        print(f"[demo] 3/{total} training the identities-only baseline on the same budget "
+              "(the same labeled images per step, no sequences) ...", flush=True)
+        base_cfg = demo_config(out, paths, steps=steps, workers=workers, sequences=False)
+        _, base = _train_and_evaluate(base_cfg, paths, workers)
+        report["baseline_accuracy"] = base["accuracy"]
+        report["baseline_accuracy_std"] = base["accuracy_std"]
+    report["seconds"] = time.perf_counter() - t0
+    lines = [
+        f"[demo] {total - 1}/{total} report",
+        f"  trained steps        {report['steps']}",
+        f"  sequence handling    loss.sequence_mode = {mode} (docs/experiments.md compares "
+        "the modes)",
+        f"  final loss terms     total {m['total']:.3f} | chief {m['chief']:.3f} "
+        f"(sequence samples' part {m['lsr']:.3f}) | DSA pull {m['dsa_pull']:.3f} push "
+        f"{m['dsa_push']:.3f}",
+        f"  verification         {ev['accuracy']:.4f} ± {ev['accuracy_std']:.4f} 10-fold "
+        f"accuracy on {ev['pairs']} held-out MNIST test pairs (chance 0.5)",
+    ]
+    if compare:
+        lines.append(f"  identities only      {report['baseline_accuracy']:.4f} ± "
+                     f"{report['baseline_accuracy_std']:.4f} (same budget, no sequences): "
+                     f"sequences {ev['accuracy'] - report['baseline_accuracy']:+.4f}")
+    lines += [f"  checkpoint           {ev['checkpoint']}",
+              f"  exported model       {ev['export']}",
+              f"  wall time            {report['seconds']:.0f} s"]
+    print("\n".join(lines), flush=True)
     return report
