@@ -46,7 +46,13 @@ from experiments.common import (
     experiment_config,
     train,
 )
-from experiments.glyphs import GlyphSet, available_fonts, load_glyphs, require_fonts
+from experiments.glyphs import (
+    PRINT_FONTS,
+    GlyphSet,
+    available_fonts,
+    load_glyphs,
+    require_fonts,
+)
 from seqface_dist.eval.verification import cosine_scores, evaluate_scores
 
 FARS = (1e-2, 1e-3)
@@ -72,8 +78,21 @@ class Split:
 
 
 def split_glyphs(gs: GlyphSet, n_a: int, n_b: int, n_c: int, track_len: int,
-                 pairs_per_fold: int, seed: int) -> Split:
-    """Cut the characters into A, B (tracks) and C (10 folds of pairs); deterministic."""
+                 pairs_per_fold: int, seed: int, styles: bool = False) -> Split:
+    """Cut the characters into A, B (tracks) and C (10 folds of pairs); deterministic.
+
+    ``styles`` (experiment E2, variation only the tracks carry): A keeps only its renders
+    in print fonts (`glyphs.PRINT_FONTS`), B's tracks only renders in the other fonts
+    (brush, kai, handwriting), and every C pair, genuine or impostor, is one print render
+    against one other render.
+    """
+    if styles:
+        printed = np.isin(np.asarray(gs.font_names)[gs.font_of], list(PRINT_FONTS))
+        both = [c for c in gs.chars() if printed[gs.char_of == c].sum() >= 1
+                and (~printed[gs.char_of == c]).sum() >= 2]
+        keep = np.isin(gs.char_of, both)
+        gs = GlyphSet(gs.images[keep], gs.char_of[keep], gs.font_of[keep], gs.font_names)
+        printed = printed[keep]
     chars = gs.chars()
     if n_a + n_b + n_c > len(chars):
         raise ValueError(f"--n-a + --n-b + --n-c = {n_a + n_b + n_c} but only {len(chars)} "
@@ -85,10 +104,14 @@ def split_glyphs(gs: GlyphSet, n_a: int, n_b: int, n_c: int, track_len: int,
     chars = rng.permutation(chars)
     a, b, c = chars[:n_a], chars[n_a:n_a + n_b], chars[n_a + n_b:n_a + n_b + n_c]
 
-    def rows(cs):
-        return {int(ch): np.flatnonzero(gs.char_of == ch) for ch in cs}
+    def rows(cs, style=None):
+        sel = np.ones(len(gs.char_of), bool) if style is None else printed == style
+        return {int(ch): np.flatnonzero((gs.char_of == ch) & sel) for ch in cs}
 
-    ra, rb, rc = rows(a), rows(b), rows(c)
+    if styles:
+        ra, rb, rc = rows(a, True), rows(b, False), rows(c)
+    else:
+        ra, rb, rc = rows(a), rows(b), rows(c)
     a_idx = np.concatenate(list(ra.values()))
     a_lab = np.concatenate([np.full(len(v), k) for k, v in enumerate(ra.values())])
     b_idx, b_char, b_track, n_seq = [], [], [], 0
@@ -103,15 +126,28 @@ def split_glyphs(gs: GlyphSet, n_a: int, n_b: int, n_c: int, track_len: int,
     c_lab = np.concatenate([np.full(len(v), k) for k, v in enumerate(rc.values())])
     pos = {int(g): p for p, g in enumerate(c_idx)}
     c_rows = [np.array([pos[int(g)] for g in v]) for v in rc.values()]
+    c_printed = printed[c_idx] if styles else None
+
+    def draw(rows_of: np.ndarray, style: bool | None) -> int:
+        if style is not None:
+            rows_of = rows_of[c_printed[rows_of] == style]
+        return int(rng.choice(rows_of))
+
+    # Plain: two renders of one character (genuine) or of two (impostor); with styles,
+    # always one print render against one other render.
+    first, second = (True, False) if styles else (None, None)
     pi, pj, same, folds = [], [], [], []
     for f, group in enumerate(np.array_split(np.arange(n_c), 10)):
         for _ in range(pairs_per_fold):
             r = c_rows[rng.choice(group)]
-            i, j = rng.choice(r, 2, replace=False)
+            if styles:
+                i, j = draw(r, first), draw(r, second)
+            else:
+                i, j = rng.choice(r, 2, replace=False)
             pi.append(i), pj.append(j), same.append(True), folds.append(f)
         for _ in range(pairs_per_fold):
             x, y = rng.choice(group, 2, replace=False)
-            pi.append(rng.choice(c_rows[x])), pj.append(rng.choice(c_rows[y]))
+            pi.append(draw(c_rows[x], first)), pj.append(draw(c_rows[y], second))
             same.append(False), folds.append(f)
     return Split(gs.images[a_idx], a_lab, gs.images[np.concatenate(b_idx)],
                  np.concatenate(b_char), np.concatenate(b_track), gs.images[c_idx], c_lab,
@@ -128,6 +164,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--track-len", type=int, default=5, help="fonts per B track (about)")
     ap.add_argument("--pairs-per-fold", type=int, default=300)
     ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--styles", action="store_true",
+                    help="E2: A in print fonts, B's tracks in the other fonts, C pairs "
+                         "crossing styles")
     ap.add_argument("--config", default="local-cpu",
                     help="the named base config (configs/<name>.yaml) or a YAML path")
     ap.add_argument("--steps", type=int, default=1000, help="optim.max_steps")
@@ -151,7 +190,7 @@ def load_split(args: argparse.Namespace, log=print) -> Split:
     gs = load_glyphs(fonts, args.cache_dir, min_fonts=render_min, max_chars=args.max_chars,
                      log=log).with_min_fonts(args.min_fonts)
     split = split_glyphs(gs, args.n_a, args.n_b, args.n_c, args.track_len,
-                         args.pairs_per_fold, args.split_seed)
+                         args.pairs_per_fold, args.split_seed, styles=args.styles)
     log(f"{len(gs.chars())} characters with >= {args.min_fonts} fonts; A {split.n_a} classes "
         f"({len(split.a_labels)} images), B {split.n_b} classes as {split.n_seq} tracks "
         f"({len(split.b_tracks)} images), C {split.n_c} classes ({len(split.c_images)} "

@@ -72,6 +72,16 @@ FONTS: tuple[FontSpec, ...] = (
 )
 
 
+# The print designs (Ming/Mincho serif, Hei/Gothic sans): experiment E2 labels characters
+# only in these and sees the other designs (Kai, Fangsong, brush, handwriting) only in
+# unlabeled tracks.
+PRINT_FONTS = frozenset({
+    "uming#0", "wqy-zenhei#0", "wqy-microhei#0", "ipaexg#0", "ipaexm#0", "TakaoPGothic#0",
+    "VL-Gothic-Regular#0", "komatuna#0", "DroidSansFallbackFull#0", "cwming#0", "cwheib#0",
+    "HanaMinA#0",
+})
+
+
 class MissingFontsError(RuntimeError):
     """Too few of the fonts are installed."""
 

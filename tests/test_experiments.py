@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import cjk_sensitivity, cjk_table, mnist_2d  # noqa: E402
 from experiments.cjk_table import command_for, split_glyphs  # noqa: E402
 from experiments.glyphs import (  # noqa: E402
+    PRINT_FONTS,
     RESERVED_FROM,
     FontSpec,
     GlyphSet,
@@ -132,6 +133,24 @@ def test_split_is_disjoint_and_pairs_stay_in_c_and_their_fold() -> None:
         assert not here & there
     with pytest.raises(ValueError, match="only 40 characters"):
         split_glyphs(gs, n_a=20, n_b=20, n_c=20, track_len=2, pairs_per_fold=5, seed=0)
+
+
+def test_style_split_labels_print_fonts_and_tracks_the_others() -> None:
+    gs = _synthetic_glyphs()
+    names = sorted(PRINT_FONTS)[:3] + ["brush1", "brush2", "brush3"]
+    gs = GlyphSet(gs.images, gs.char_of, gs.font_of, names)
+    s = split_glyphs(gs, n_a=10, n_b=10, n_c=20, track_len=2, pairs_per_fold=5, seed=3,
+                     styles=True)
+    font = {int(v): int(gs.font_of[i]) for i, v in enumerate(gs.images[:, 0, 0])}
+
+    def printed(images):
+        return np.array([font[int(v)] < 3 for v in images[:, 0, 0]])
+
+    assert printed(s.a_images).all() and len(s.a_images) == 30
+    assert not printed(s.b_images).any() and len(s.b_images) == 30
+    c = printed(s.c_images)
+    assert c[s.pair_i].all() and not c[s.pair_j].any()  # every pair crosses the styles
+    assert s.issame.sum() == 50
 
 
 def test_missing_fonts_error_names_the_packages(tmp_path: Path) -> None:
