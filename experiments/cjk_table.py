@@ -127,6 +127,8 @@ def split_glyphs(gs: GlyphSet, n_a: int, n_b: int, n_c: int, track_len: int,
     pos = {int(g): p for p, g in enumerate(c_idx)}
     c_rows = [np.array([pos[int(g)] for g in v]) for v in rc.values()]
     c_printed = printed[c_idx] if styles else None
+    # The pairs' own generator: C and its pairs do not change with --track-len.
+    rng = np.random.default_rng([seed, 1])
 
     def draw(rows_of: np.ndarray, style: bool | None) -> int:
         if style is not None:

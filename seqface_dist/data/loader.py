@@ -134,6 +134,12 @@ def _reverse_rows(h: int, row_bytes: int) -> Callable[[np.ndarray], None]:
     return reverse_words
 
 
+# The one input normalisation of every model this project trains; the export records it
+# in model.json so that whoever loads the model feeds it the same inputs.
+INPUT_NORMALIZATION = {"pixels": "uint8 B x H x W x C", "tensor": "float32 B x C x H x W",
+                       "mean": 127.5, "scale": 1.0 / 128.0}
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 B x H x W x C -> float32 B x C x H x W, (x - 127.5) / 128, on images' device."""
     x = images.permute(0, 3, 1, 2).contiguous().float()  # transpose while still 1 byte

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from seqface_dist.data.loader import INPUT_NORMALIZATION, normalize
+
 if TYPE_CHECKING:
     from seqface_dist.config import ModelConfig
 
@@ -69,6 +71,10 @@ def load_model(model: nn.Module | str | Path, model_cfg: ModelConfig | None = No
         meta = path.with_name("model.json")
         if meta.is_file():
             cfg = json.loads(meta.read_text())
+            norm = cfg.get("input_normalization", INPUT_NORMALIZATION)
+            if norm != INPUT_NORMALIZATION:
+                raise ValueError(f"{meta}: input_normalization {norm} is not this version's "
+                                 f"{INPUT_NORMALIZATION}")
             net.input_size = tuple(cfg["input_size"])
             net.in_channels = int(cfg["in_channels"])
         return net
@@ -132,9 +138,8 @@ def decode_image(src: ImageSource | np.ndarray, size: tuple[int, int],
 
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float (B, C, H, W) scaled by (x - 127.5) / 128."""
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
-    return (x - 127.5) / 128.0
+    """uint8 (B, H, W, C) -> float (B, C, H, W): the training input normalisation."""
+    return normalize(torch.from_numpy(np.ascontiguousarray(batch)))
 
 
 @torch.no_grad()

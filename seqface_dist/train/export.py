@@ -2,7 +2,8 @@
 
     export/backbone.safetensors   weights (+ the model config as metadata)
     export/embedding.pt2          a torch.export program, batch size dynamic
-    export/model.json             the model config (backbone, input size, channels, dim)
+    export/model.json             the model config (backbone, input size, channels, dim) and
+                                  the input normalisation, (x - 127.5) / 128
 
 Load with ``seqface_dist.eval.embed.load_model("export/embedding.pt2")`` or
 ``torch.export.load(...).module()``; or build the backbone from model.json and load the
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from seqface_dist.config import ModelConfig
+from seqface_dist.data.loader import INPUT_NORMALIZATION
 
 
 def export_embedding(backbone: nn.Module, model_cfg: ModelConfig, out_dir: str | Path) -> Path:
@@ -28,7 +30,7 @@ def export_embedding(backbone: nn.Module, model_cfg: ModelConfig, out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(backbone).float().cpu().eval()  # never disturb the training copy
-    meta = json.dumps(asdict(model_cfg))
+    meta = json.dumps({**asdict(model_cfg), "input_normalization": INPUT_NORMALIZATION})
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(out / "backbone.safetensors"), metadata={"model": meta})
     (out / "model.json").write_text(meta + "\n")
