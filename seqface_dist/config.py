@@ -20,9 +20,8 @@ from typing import Any
 import yaml
 
 # Kept torch-free (config validation must not import torch); the losses import these.
-SEQUENCE_MODES = ("lsr", "none", "sequence_classes", "separate_heads", "masked_softmax",
-                  "tolerant_classes")
-CLASS_ROW_MODES = SEQUENCE_MODES[2:]  # the modes whose W gains one row per sequence
+SEQUENCE_MODES = ("lsr", "none", "sequence_classes", "separate_heads", "masked_softmax")
+CLASS_ROW_MODES = ("sequence_classes", "separate_heads", "masked_softmax")  # W gains N_seq rows
 
 
 class ConfigError(ValueError):
@@ -70,8 +69,6 @@ class LossConfig:
     #   sequence_classes one classifier row per sequence, every sample sees every row
     #   separate_heads   identity samples see identity rows, sequence samples sequence rows
     #   masked_softmax   as sequence_classes, a sequence sample sees identity rows + its own
-    #   tolerant_classes as sequence_classes, but a sequence sample's softmax leaves out the
-    #                    other sequence rows it scores at least as high as its own row
     sequence_mode: str = "lsr"
     lsr_strength: float = 1.0  # epsilon of mode lsr: 1 = the paper, 0 = no LSR term
     weight_renorm: bool = False  # the reference renormalises W's rows in place every forward

@@ -12,11 +12,6 @@ This is the oracle the partitioned head is held to; no training run uses it.
   sequence samples' over the sequence rows.
 - ``masked_softmax``: the same rows; identity samples see every row, a sequence sample
   the identity rows and its own row.
-- ``tolerant_classes``: the same rows; identity samples see every row; a sequence sample
-  of track q does not see another sequence row q' when cos(f, w_q') >= cos(f, w_q) (the
-  margin-free cosines): a track that already looks at least as much like the sample as
-  its own track may be the same person, so it is not pushed away (the rule DSA's seq-seq
-  skip encodes, applied where the classifier itself finds two tracks confusable).
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from seqface_dist.config import CLASS_ROW_MODES, SEQUENCE_MODES
 
@@ -45,9 +39,8 @@ def chief_rows(mode: str, num_identities: int, num_sequences: int) -> int:
 
 
 def visible_rows(mode: str, center_index: torch.Tensor, num_identities: int,
-                 num_rows: int, cos: torch.Tensor | None = None) -> torch.Tensor:
-    """(B x rows) bool: which rows of W enter each sample's softmax (``cos``, the B x rows
-    cosines, only for ``tolerant_classes``)."""
+                 num_rows: int) -> torch.Tensor:
+    """(B x rows) bool: which rows of W enter each sample's softmax."""
     b = center_index.shape[0]
     is_seq = center_index >= num_identities
     col = torch.arange(num_rows, device=center_index.device)
@@ -57,10 +50,6 @@ def visible_rows(mode: str, center_index: torch.Tensor, num_identities: int,
     if mode == "masked_softmax":
         own = col[None, :] == center_index[:, None]
         return ~(is_seq[:, None] & seq_col) | own
-    if mode == "tolerant_classes":
-        own = col[None, :] == center_index[:, None]
-        own_cos = cos.gather(1, center_index[:, None])
-        return ~(is_seq[:, None] & seq_col & (cos >= own_cos)) | own
     return torch.ones(b, num_rows, dtype=torch.bool, device=center_index.device)
 
 
@@ -78,9 +67,7 @@ def chief_loss(features: torch.Tensor, weight: torch.Tensor, center_index: torch
     if mode in CLASS_ROW_MODES:
         # Every sample is a classification sample: all rows count as "identities" here.
         z = margin_logits(features, weight, t, rows, **margin)
-        with torch.no_grad():
-            cos = F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t()
-        z = z.masked_fill(~visible_rows(mode, t, num_identities, rows, cos), float("-inf"))
+        z = z.masked_fill(~visible_rows(mode, t, num_identities, rows), float("-inf"))
         per = torch.logsumexp(z, dim=1) - z.gather(1, t[:, None]).squeeze(1)
         counts = torch.ones_like(is_seq)
     else:

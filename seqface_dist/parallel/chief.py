@@ -95,17 +95,14 @@ class BlockMarginSoftmax(torch.autograd.Function):
     rows in the modes that have them); ``target_col`` (B,) local column of the sample's
     target where this rank owns it, else -1; ``uniform`` (B,) bool: LSR samples (target
     uniform over the identity classes); ``hide_id`` / ``hide_seq`` (B,) bool: the sample's
-    softmax leaves out the identity / sequence columns (its own target column stays);
-    ``hide_confusable`` (B,) bool: it leaves out the sequence columns whose cosine is at
-    least its own target's (``tolerant_classes``; one more all-reduce of O(B) values).
+    softmax leaves out the identity / sequence columns (its own target column stays).
     Returns l (B,), equal on all ranks. Backward may run once (it reuses the saved buffer
     in place). W's gradient is written into ``weight.grad`` directly (a workspace buffer,
     accumulated if a gradient is already there), so no fresh n x D tensor is allocated.
     """
 
     @staticmethod
-    def forward(ctx, fn, weight, target_col, uniform, hide_id, hide_seq, hide_confusable,
-                comm: Comm,
+    def forward(ctx, fn, weight, target_col, uniform, hide_id, hide_seq, comm: Comm,
                 spec: MarginSpec, lam: float, num_identities: int, n_id_cols: int,
                 workspace: Workspace):
         eps = torch.finfo(weight.dtype).tiny
@@ -127,13 +124,6 @@ class BlockMarginSoftmax(torch.autograd.Function):
             z[hide_id, :n_id_cols] = float("-inf")
         if bool(hide_seq.any()):
             z[hide_seq, n_id_cols:] = float("-inf")
-        if bool(hide_confusable.any()):  # needs every sample's own cosine on every rank
-            own = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-            own[rows] = cos_t.detach()
-            comm.all_reduce_(own)
-            r = hide_confusable.nonzero().squeeze(1)
-            zs = z[r, n_id_cols:]
-            z[r, n_id_cols:] = zs.masked_fill_(zs >= own[r, None], float("-inf"))
         z[rows, cols] = g_t.detach()
         z.mul_(spec.scale)  # logits
 
@@ -192,4 +182,4 @@ class BlockMarginSoftmax(torch.autograd.Function):
         else:
             param.grad = grad_w  # stays ours: reused next step once the optimizer is done
             ctx.workspace.give_back("grad_w", grad_w)
-        return (grad_fn,) + (None,) * 12
+        return (grad_fn,) + (None,) * 11

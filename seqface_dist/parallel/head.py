@@ -261,27 +261,24 @@ class PartitionedHead(nn.Module):
         uniform = is_seq if mode == "lsr" else none
         hide_id = is_seq if mode == "separate_heads" else none
         hide_seq = {"separate_heads": ~is_seq, "masked_softmax": is_seq}.get(mode, none)
-        hide_confusable = is_seq if mode == "tolerant_classes" else none
         counts = classify | uniform
         if mode == "none":  # sequence samples skip the softmax altogether
             keep = classify.nonzero().squeeze(1)
             per = torch.zeros(t.shape[0], dtype=fn.dtype, device=fn.device)
             if keep.numel():
-                nk = none[keep]
                 per = per.index_put((keep,), self._block(
-                    fn[keep], target_col[keep], nk, nk, nk, nk, lam, n_id_cols))
+                    fn[keep], target_col[keep], none[keep], none[keep], none[keep], lam,
+                    n_id_cols))
             return per, counts
-        per = self._block(fn, target_col, uniform, hide_id, hide_seq, hide_confusable, lam,
-                          n_id_cols)
+        per = self._block(fn, target_col, uniform, hide_id, hide_seq, lam, n_id_cols)
         if mode == "lsr" and cfg.lsr_strength != 1.0:
             strength = torch.full_like(per, cfg.lsr_strength)  # in per's dtype (float64 exact)
             per = per * torch.where(is_seq, strength, torch.ones_like(per))
         return per, counts
 
-    def _block(self, fn, target_col, uniform, hide_id, hide_seq, hide_confusable, lam,
-               n_id_cols):
+    def _block(self, fn, target_col, uniform, hide_id, hide_seq, lam, n_id_cols):
         return BlockMarginSoftmax.apply(fn, self.weight, target_col, uniform, hide_id,
-                                        hide_seq, hide_confusable, self.comm, self.margin, lam,
+                                        hide_seq, self.comm, self.margin, lam,
                                         self.spec.num_identities, n_id_cols, self.workspace)
 
     # -- optimisation ----------------------------------------------------------------------
