@@ -24,6 +24,10 @@ SEQUENCE_MODES = ("lsr", "none", "sequence_classes", "separate_heads", "masked_s
 CLASS_ROW_MODES = ("sequence_classes", "separate_heads", "masked_softmax")  # W gains N_seq rows
 
 
+# The backbones seqface_dist.models builds (it checks its registry against this list).
+BACKBONE_NAMES = ("sphere20", "sphere36", "sphere64", "iresnet50", "iresnet100", "tiny")
+
+
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type or an impossible value."""
 
@@ -41,10 +45,8 @@ class ModelConfig:
     in_channels: int = 3
 
     def validate(self, p: str) -> None:
-        from seqface_dist.models import BACKBONES  # local: models import torch
-
-        _check(self.backbone in BACKBONES, f"{p}.backbone",
-               f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+        _check(self.backbone in BACKBONE_NAMES, f"{p}.backbone",
+               f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONE_NAMES)}")
         _check(self.embedding_dim >= 1, f"{p}.embedding_dim", "must be >= 1")
         _check(len(self.input_size) == 2 and all(s >= 8 for s in self.input_size),
                f"{p}.input_size", "must be [height, width], each >= 8")

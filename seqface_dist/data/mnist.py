@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from seqface_dist.eval.pairs import _DTYPES, SafeBinUnpickler, _unwrap
+from seqface_dist.safepickle import INTEGER_DTYPES, SafeBinUnpickler, unwrap
 
-_NUMERIC = frozenset(_DTYPES | {"f4", "f8"})
+_NUMERIC = frozenset(INTEGER_DTYPES | {"f4", "f8"})
 
 
 def mnist_path() -> Path:
@@ -42,8 +42,8 @@ def load_mnist(path: str | Path | None = None, *,
         data = SafeBinUnpickler(f, str(path), allowed_dtypes=_NUMERIC).load()
     out = {}
     for name, (x, y) in zip(("train", "valid", "test"), data, strict=True):
-        x = np.asarray(_unwrap(x), dtype=np.float32).reshape(-1, 28, 28)
-        y = np.asarray(_unwrap(y), dtype=np.int64)
+        x = np.asarray(unwrap(x), dtype=np.float32).reshape(-1, 28, 28)
+        y = np.asarray(unwrap(y), dtype=np.int64)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{path}: {name} has {x.shape[0]} images but {y.shape[0]} labels")
         if not as_float:

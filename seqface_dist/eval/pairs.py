@@ -26,14 +26,14 @@ error that names the global and the file.
 
 from __future__ import annotations
 
-import functools
-import io
 import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from seqface_dist.safepickle import SafeBinUnpickler, UnsafePickleError, unwrap
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -144,142 +144,6 @@ def read_lfw_pairs(pairs_file: str | Path, root: str | Path,
 # .bin files, read without unpickling arbitrary objects
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The file names a global that a verification ``.bin`` has no business with."""
-
-
-_DTYPES = {"b1", "?", "bool", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
-_MAX_ITEMS = 1 << 31
-
-
-class _DType:
-    """Stand-in for ``numpy.dtype(spec, align, copy)``; only whitelisted specs."""
-
-    def __init__(self, spec: object, align: object = False, copy: object = False, *,
-                 allowed: frozenset[str] = frozenset(_DTYPES)) -> None:
-        if isinstance(spec, bytes):
-            spec = spec.decode("latin1")
-        if not isinstance(spec, str) or spec.lstrip("<>|=") not in allowed:
-            raise UnsafePickleError(f"numpy dtype {spec!r} refused (allowed: {sorted(allowed)})")
-        self.spec = spec.lstrip("<>|=")
-        self.byteorder = "|"
-
-    def __setstate__(self, state: object) -> None:
-        # (version, byteorder, subarray, names, fields, elsize, alignment, flags): only
-        # the byte order matters for plain scalar dtypes; anything structured is refused.
-        if not isinstance(state, tuple) or len(state) < 2:
-            raise UnsafePickleError(f"numpy dtype state {state!r} refused")
-        bo = state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]
-        if bo not in ("|", "<", ">", "=") or any(x is not None for x in state[2:5]):
-            raise UnsafePickleError(f"numpy dtype state {state!r} refused (structured)")
-        self.byteorder = bo
-
-    def real(self) -> np.dtype:
-        dt = np.dtype(self.spec)
-        return dt.newbyteorder(">") if self.byteorder == ">" and dt.itemsize > 1 else dt
-
-
-def _array_from(buf: object, dtype: object, shape: object) -> np.ndarray:
-    if not isinstance(dtype, _DType):
-        raise UnsafePickleError(f"numpy array with dtype {dtype!r} refused")
-    if isinstance(buf, str):  # Python 2 pickles read with encoding="latin1"
-        buf = buf.encode("latin1")
-    if not isinstance(buf, (bytes, bytearray)):
-        raise UnsafePickleError(f"numpy array data of type {type(buf).__name__} refused")
-    if not (isinstance(shape, tuple) and all(isinstance(s, int) and 0 <= s < _MAX_ITEMS
-                                             for s in shape)):
-        raise UnsafePickleError(f"numpy array shape {shape!r} refused")
-    dt = dtype.real()
-    n = int(np.prod(shape, dtype=np.int64))
-    if len(buf) != n * dt.itemsize:
-        raise pickle.UnpicklingError(f"numpy array: {len(buf)} bytes for shape {shape} "
-                                     f"of {dt}")
-    return np.frombuffer(bytes(buf), dtype=dt).reshape(shape).copy()
-
-
-class _NdarrayType:
-    """Stand-in for the ``numpy.ndarray`` class argument of ``_reconstruct``."""
-
-
-class _Array:
-    """Stand-in for ``_reconstruct(ndarray, (0,), b'b')``; the array arrives by BUILD."""
-
-    def __init__(self, subtype: object, shape: object, code: object) -> None:
-        if subtype is not _NdarrayType:
-            raise UnsafePickleError(f"numpy _reconstruct of {subtype!r} refused")
-        self.value: np.ndarray | None = None
-
-    def __setstate__(self, state: object) -> None:
-        # (version, shape, dtype, is_fortran, rawdata), version 1; older: no version.
-        if isinstance(state, tuple) and len(state) == 5:
-            state = state[1:]
-        if not (isinstance(state, tuple) and len(state) == 4):
-            raise UnsafePickleError("numpy array state refused (unexpected layout)")
-        shape, dtype, fortran, raw = state
-        arr = _array_from(raw, dtype, tuple(shape) if isinstance(shape, list) else shape)
-        self.value = np.asfortranarray(arr) if fortran else arr
-
-
-def _frombuffer(buf: object, dtype: object, shape: object, order: object = "C") -> np.ndarray:
-    if isinstance(buf, pickle.PickleBuffer):
-        buf = bytes(buf.raw())
-    arr = _array_from(buf, dtype, shape)
-    return np.asfortranarray(arr) if order == "F" else arr
-
-
-def _scalar(dtype: object, data: object = None) -> object:
-    return _array_from(data, dtype, (1,))[0].item()
-
-
-def _latin1_encode(text: object, encoding: object = "utf-8") -> bytes:
-    # Python 3 writes bytes at protocol 2 as _codecs.encode(str, "latin1"); nothing else.
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafePickleError(f"_codecs.encode with encoding {encoding!r} refused")
-    return text.encode("latin1")
-
-
-# (module, name) -> our stand-in. numpy moved its internals from numpy.core to numpy._core
-# in 2.0; files written by either are accepted.
-_GLOBALS: dict[tuple[str, str], object] = {
-    ("_codecs", "encode"): _latin1_encode,
-    ("numpy", "ndarray"): _NdarrayType,
-    ("numpy", "dtype"): _DType,
-}
-for _core in ("numpy.core", "numpy._core"):
-    _GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _Array
-    _GLOBALS[(f"{_core}.multiarray", "scalar")] = _scalar
-    _GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
-
-
-class SafeBinUnpickler(pickle.Unpickler):
-    """An unpickler that builds only lists, tuples, bytes, bools, ints and plain arrays."""
-
-    def __init__(self, file: io.BufferedIOBase, source: str = "<bin>",
-                 allowed_dtypes: frozenset[str] = frozenset(_DTYPES)) -> None:
-        # encoding="bytes": Python 2 ``str`` (the JPEG data of old .bin files) stays bytes.
-        super().__init__(file, encoding="bytes")
-        self.source = source
-        self.allowed_dtypes = allowed_dtypes  # plain numeric dtypes only: no object arrays
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) == ("numpy", "dtype"):
-            return functools.partial(_DType, allowed=self.allowed_dtypes)
-        try:
-            return _GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise UnsafePickleError(
-                f"{self.source}: refusing to load global {module}.{name}: a verification "
-                ".bin holds only image bytes and booleans (is this file what it claims "
-                "to be?)") from None
-
-    def persistent_load(self, pid: object) -> object:
-        raise UnsafePickleError(f"{self.source}: persistent ids are refused")
-
-
-def _unwrap(x: object) -> object:
-    return x.value if isinstance(x, _Array) else x
-
-
 @dataclass
 class BinSet:
     """A ``.bin`` verification set: ``images[2i]`` and ``images[2i+1]`` form pair i."""
@@ -304,14 +168,14 @@ def read_bin(path: str | Path) -> BinSet:
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(f"{path}: expected a pair (images, issame), got "
                          f"{type(obj).__name__}")
-    bins, issame = _unwrap(obj[0]), _unwrap(obj[1])
+    bins, issame = unwrap(obj[0]), unwrap(obj[1])
     if isinstance(bins, np.ndarray):
         bins = list(bins)
     if not isinstance(bins, (list, tuple)):
         raise ValueError(f"{path}: images must be a list, got {type(bins).__name__}")
     images: list[bytes] = []
     for i, b in enumerate(bins):
-        b = _unwrap(b)
+        b = unwrap(b)
         if isinstance(b, np.ndarray) and b.dtype == np.uint8 and b.ndim == 1:
             b = b.tobytes()
         if not isinstance(b, (bytes, bytearray)):
@@ -320,7 +184,7 @@ def read_bin(path: str | Path) -> BinSet:
     if isinstance(issame, np.ndarray):
         flags = issame.reshape(-1)
     elif isinstance(issame, (list, tuple)):
-        flags = np.asarray([_unwrap(v) for v in issame], dtype=object)
+        flags = np.asarray([unwrap(v) for v in issame], dtype=object)
     else:
         raise ValueError(f"{path}: issame must be a list or array, got "
                          f"{type(issame).__name__}")

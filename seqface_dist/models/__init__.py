@@ -11,16 +11,13 @@ Every factory takes keyword arguments ``in_channels``, ``embedding_dim`` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from torch import nn
 
+from seqface_dist.config import BACKBONE_NAMES, ConfigError, ModelConfig
 from seqface_dist.models.iresnet import IResNet, iresnet50, iresnet100
 from seqface_dist.models.sphere import SphereNet, sphere20, sphere36, sphere64
 from seqface_dist.models.tiny import TinyNet, tiny
-
-if TYPE_CHECKING:
-    from seqface_dist.config import ModelConfig
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "sphere20": sphere20,
@@ -30,13 +27,13 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "iresnet100": iresnet100,
     "tiny": tiny,
 }
+if tuple(BACKBONES) != BACKBONE_NAMES:  # config validates names without importing torch
+    raise RuntimeError(f"config.BACKBONE_NAMES {BACKBONE_NAMES} must list {tuple(BACKBONES)}")
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
     """The backbone ``cfg.backbone`` with the configured channels, embedding and input size."""
     if cfg.backbone not in BACKBONES:
-        from seqface_dist.config import ConfigError
-
         raise ConfigError(f"model.backbone: unknown backbone {cfg.backbone!r}; "
                           f"choose one of {sorted(BACKBONES)}")
     return BACKBONES[cfg.backbone](in_channels=cfg.in_channels, embedding_dim=cfg.embedding_dim,
