@@ -2,8 +2,8 @@
 budget): one parameter varied at a time around the base config's values, in one
 `loss.sequence_mode` (`--mode`); the mode without DSA is the reference row.
 
-    python -m experiments.cjk_sensitivity                     # the published table
-    python -m experiments.cjk_sensitivity --steps 400 --seeds 0
+    python -m experiments.cjk_sensitivity --mode sequence_classes --n-a 100 \
+        --out docs/results/sensitivity                         # the published table
 
 Same split and options as `experiments.cjk_table` (shared arguments).
 """
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", default="0.01,0.16",
                     help="DSA loss weights besides the config's")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--out", default="docs", help="folder for cjk_sensitivity.json / .md")
+    ap.add_argument("--out", default="runs/cjk-sensitivity",
+                    help="folder for cjk_sensitivity.json / .md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -9,20 +9,30 @@ shuffled once (`--split-seed`) and cut into
      are not known to match, like two video tracks of one person),
   C  `--n-c` unseen classes for verification: 10 folds of disjoint characters, each with
      `--pairs-per-fold` genuine (one character, two fonts) and as many impostor pairs.
-Conditions, all with the same budget (steps x batch) and the same net (`tiny`, 64-d):
-  a-only    chief loss (A-Softmax) on A
-  lsr       A + B, B through LSR
-  lsr-dsa   A + B, LSR + DSA
-  upper     A + B with B labeled (B characters as identities): an upper bound
+With `--styles` (experiment E2) A keeps only its print-font renders, B's tracks only the
+other fonts' and every C pair crosses the two (see `split_glyphs`).
+
+Every run trains through the one training step (`seqface_dist.train.step`) from the base
+config `--config` (default `configs/local-cpu.yaml`, the config a new user starts from)
+with the glyphs' overrides (32x32 grey, no mirroring) and `--set key=value`. Conditions
+(`experiments.common.CONDITIONS`), under the budget rule (`--batch` labeled images per
+step for `--steps` steps; sequence conditions add `--batch` B images on top):
+  a-only      A only
+  a-only-2x   A only at the doubled batch (the compute-matched control)
+  upper       A + B with B labeled (B characters as identities), at the doubled batch
+  lsr, none, sequence_classes, separate_heads, masked_softmax
+              A + B tracks in that `loss.sequence_mode` (DESIGN.md §2.2a); DSA in all
 For each condition and seed: 10-fold accuracy, TAR@FAR and AUC on the C pairs (cosine of
-the features). Rows report mean ± std over the seeds.
+the features), the recovered share of the labeled gain (acc - a-only) / (upper - a-only)
+per seed, and the collapse diagnostics. Rows report mean ± std over the seeds.
 
 Needs the fonts (Debian):
   apt-get update && apt-get install -y --no-install-recommends fonts-arphic-ukai ...
 (the full line is `experiments.glyphs.APT_LINE`; the script names what is missing).
 
-    python -m experiments.cjk_table                           # the published table
-    python -m experiments.cjk_table --conditions lsr-dsa --seeds 0   # one row, one seed
+    python -m experiments.cjk_table --n-a 100 --out docs/results/e1-a100   # E1 table
+    python -m experiments.cjk_table --n-a 100 --styles --out docs/results/e2  # E2 table
+    python -m experiments.cjk_table --conditions lsr --seeds 0       # one row, one seed
 """
 
 from __future__ import annotations
@@ -299,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--upper-from", default="a-only",
                     help="the baseline of the recovered share (acc - base) / (upper - base)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--out", default="docs", help="folder for cjk_table.json / .md")
+    ap.add_argument("--out", default="runs/cjk-table",
+                    help="folder for cjk_table.json / .md (docs/results/<name> for the docs)")
     args = ap.parse_args(argv)
     conditions = args.conditions.split(",")
     if bad := [c for c in conditions if c not in CONDITIONS]:
