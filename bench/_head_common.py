@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from seqface_dist.config import LossConfig
+from seqface_dist.config import CLASS_ROW_MODES, LossConfig
 from seqface_dist.losses import dsa_loss, lambda_schedule, lsr_cross_entropy, margin_logits
 from seqface_dist.parallel import Comm, HeadLayout, HeadSpec, PartitionedHead, SoloComm
 
@@ -76,6 +76,7 @@ class Setup:
     warmup: int = 1
     gemm_reps: int = 0  # > 0: measure the three GEMMs' sgemm rate first, best of this many
     solo_rank: int = -1  # >= 0: SoloComm(solo_rank, world) in one process, no peers
+    mode: str = "lsr"  # loss.sequence_mode; the figures in RESULTS.md are the paper's lsr
 
     @property
     def local_batch(self) -> int:
@@ -83,6 +84,9 @@ class Setup:
 
     def spec(self) -> HeadSpec:
         return HeadSpec(self.num_identities, self.num_sequences, self.dim)
+
+    def loss_cfg(self) -> LossConfig:
+        return LossConfig(sequence_mode=self.mode)
 
 
 def global_batch(setup: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +104,12 @@ def global_batch(setup: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def local_rows(setup: Setup, rank: int) -> tuple[int, int]:
-    """(identity rows, center rows) of ``rank``'s block."""
+    """(classifier rows, center rows) of ``rank``'s block: the classifier has its identity
+    rows, plus its sequence rows in the modes with one row per sequence."""
     id0, id1, sq0, sq1 = HeadLayout(setup.num_identities, setup.num_sequences,
                                     setup.world).local_rows(rank)
-    return id1 - id0, (id1 - id0) + (sq1 - sq0)
+    n_w = (id1 - id0) + ((sq1 - sq0) if setup.mode in CLASS_ROW_MODES else 0)
+    return n_w, (id1 - id0) + (sq1 - sq0)
 
 
 def ideal_parts(setup: Setup, rank: int, elem: int = 4) -> dict[str, int]:
@@ -232,7 +238,7 @@ def count_passes(steps_before: int = 1) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     s = Setup(num_identities=1000, num_sequences=700, dim=40, batch=24, world=1, steps=1)
-    head = PartitionedHead(s.spec(), LossConfig(), Comm())
+    head = PartitionedHead(s.spec(), s.loss_cfg(), Comm())
     opt = head.make_optimizer(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     for k in range(steps_before):
         head_step(head, opt, s, 0, k)
@@ -327,7 +333,7 @@ def head_worker(rank: int, setup_d: dict) -> dict:
     base = rss_bytes()
     comm = SoloComm(setup.solo_rank, setup.world) if setup.solo_rank >= 0 else Comm()
     t0 = time.perf_counter()
-    head = PartitionedHead(setup.spec(), LossConfig(), comm)
+    head = PartitionedHead(setup.spec(), setup.loss_cfg(), comm)
     opt = head.make_optimizer(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     build_s = time.perf_counter() - t0
     times, cpu, sent, comm_s, losses = [], [], [], [], []
@@ -351,7 +357,9 @@ def dense_worker(rank: int, setup_d: dict, sparse_centers: bool) -> dict:
     setup = Setup(**setup_d)
     reset_peak_rss()
     base = rss_bytes()
-    ref = DenseReference(setup, LossConfig(), sparse_centers)
+    if setup.mode != "lsr":
+        raise ValueError("the dense reference of the speed bench is the paper's lsr mode")
+    ref = DenseReference(setup, setup.loss_cfg(), sparse_centers)
     times, cpu, losses = [], [], []
     for step in range(setup.warmup + setup.steps):
         t0, u0 = time.perf_counter(), time.thread_time()

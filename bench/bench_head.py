@@ -7,6 +7,7 @@
     .venv/bin/python bench/bench_head.py passes   # ops streaming the B x n / n x D buffers
     .venv/bin/python bench/bench_head.py scale    # one rank of 10M + 10M over R = 8, alone
     .venv/bin/python bench/bench_head.py --quick  # all of the above at tiny sizes (seconds)
+    .venv/bin/python bench/bench_head.py memory comm --mode sequence_classes  # per mode
 
 Each configuration runs in its own forked process(es), one thread each, fp32, global batch
 256 (half identity, half sequence samples), SGD momentum 0.9 (W weight decay 5e-4).
@@ -26,6 +27,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from seqface_dist.config import SEQUENCE_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _head_common import (  # noqa: E402  (bench/ is not a package)
@@ -102,9 +105,9 @@ def _print_memory(res: dict, s: Setup) -> float:
 
 def bench_memory(sz: dict, force: bool) -> None:
     n = sz["memory_n"]
-    s = Setup(n, n, sz["dim"], sz["batch"], world=2, steps=sz["steps"])
+    s = Setup(n, n, sz["dim"], sz["batch"], world=2, steps=sz["steps"], mode=sz["mode"])
     print(f"\n== memory: N_id = N_seq = {n:,}, D = {s.dim}, global batch {s.batch}, R = 2 "
-          f"gloo ranks, fp32, {s.warmup} + {s.steps} steps")
+          f"gloo ranks, fp32, {s.warmup} + {s.steps} steps, sequence_mode {s.mode}")
     if not _fits("memory", _head_need(s), force):
         return
     for res in _run_head(s):
@@ -116,10 +119,10 @@ def bench_memory(sz: dict, force: bool) -> None:
 
 def bench_comm(sz: dict, force: bool) -> None:
     print(f"\n== communication: payload bytes handed to collectives per rank per step, R = 2, "
-          f"global batch {sz['batch']}, D = {sz['dim']}")
+          f"global batch {sz['batch']}, D = {sz['dim']}, sequence_mode {sz['mode']}")
     seen = {}
     for n in sz["comm_n"]:
-        s = Setup(n, n, sz["dim"], sz["batch"], world=2, steps=sz["steps"])
+        s = Setup(n, n, sz["dim"], sz["batch"], world=2, steps=sz["steps"], mode=sz["mode"])
         if not _fits(f"comm N = {n:,}", _head_need(s), force):
             continue
         res = _run_head(s)
@@ -214,10 +217,10 @@ def bench_passes() -> None:
 
 def bench_scale(sz: dict, force: bool, extrapolate: bool = False) -> None:
     n = sz["scale_n"]
-    s = Setup(n, n, sz["dim"], sz["batch"], world=8, steps=1, solo_rank=0)
+    s = Setup(n, n, sz["dim"], sz["batch"], world=8, steps=1, solo_rank=0, mode=sz["mode"])
     ideal = ideal_parts(s, 0)
     print(f"\n== scale plan: rank 0 of R = 8 for N_id = N_seq = {n:,}, D = {s.dim}, global "
-          f"batch {s.batch} (SoloComm, one process), 1 + 1 steps")
+          f"batch {s.batch} (SoloComm, one process), 1 + 1 steps, sequence_mode {s.mode}")
     for k, v in ideal.items():
         print(f"      ideal  {k:34s} {_gb(v)}")
     total = sum(ideal.values())
@@ -230,7 +233,8 @@ def bench_scale(sz: dict, force: bool, extrapolate: bool = False) -> None:
     # Measure smaller shares of the same matrices and extrapolate (memory is linear in rows).
     points = []
     for world in (64, 32):
-        part = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=1, solo_rank=0)
+        part = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=1, solo_rank=0,
+                     mode=sz["mode"])
         if not _fits(f"the R = {world} block", _head_need(part), force):
             return
         (res,) = _run_head(part)
@@ -266,9 +270,13 @@ def main() -> None:
                     help="speed: the R values of the head to time (default 1 2; none: dense only)")
     ap.add_argument("--dense-center-grad-max", type=int, default=100_000,
                     help="also time the dense reference with a dense center grad up to this N")
+    ap.add_argument("--mode", default="lsr", choices=SEQUENCE_MODES,
+                    help="loss.sequence_mode of memory, comm and scale (default: the paper's "
+                         "lsr, the mode of the recorded figures; speed always runs lsr, the "
+                         "mode of its dense reference)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    sz = dict(QUICK if args.quick else FULL)
+    sz = dict(QUICK if args.quick else FULL, mode=args.mode)
     if args.steps:
         sz["steps"] = args.steps
     if args.comm_n:

@@ -22,7 +22,7 @@ import time
 import torch
 
 from seqface_dist.config import LossConfig, ModelConfig
-from seqface_dist.losses import dsa_loss, lsr_cross_entropy, margin_logits
+from seqface_dist.losses import chief_loss, dsa_loss
 from seqface_dist.models import build_backbone
 from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
 
@@ -49,9 +49,8 @@ def contract(device: torch.device) -> None:
     out.loss.backward()
     ref_f = feats.clone().requires_grad_(True)
     w, c = w0.clone().requires_grad_(True), c0.clone().requires_grad_(True)
-    chief = lsr_cross_entropy(margin_logits(ref_f, w, t, n_id, kind="sphereface",
-                                            scale=cfg.scale, m=cfg.m, lam=cfg.lambda_min,
-                                            arcface_margin=0.5, cosface_margin=0.35), t, n_id)
+    chief = chief_loss(ref_f, w, t, n_id, n_seq, mode=cfg.sequence_mode, kind=cfg.margin,
+                       scale=cfg.scale, m=cfg.m, lam=cfg.lambda_min).loss  # the default mode
     ref = cfg.chief_weight * chief + cfg.dsa_weight * dsa_loss(ref_f, t, c, n_id, neg)
     ref.backward()
     dl = abs(float(out.loss.detach()) - float(ref.detach()))
@@ -74,7 +73,9 @@ def _time(fn, device, steps: int) -> float:
 def head_speed(device: torch.device, sizes: list[int], steps: int) -> None:
     b, d = 256, 512
     for n in sizes:
-        head = PartitionedHead(HeadSpec(n, n, d), LossConfig(), Comm(), device=device)
+        # The paper's lsr: W has the n identity rows the matmul floor below assumes.
+        head = PartitionedHead(HeadSpec(n, n, d), LossConfig(sequence_mode="lsr"), Comm(),
+                               device=device)
         opt = head.make_optimizer(lr=0.1)
         feats = torch.randn(b, d, device=device)
         t = torch.randint(0, 2 * n, (b,), device=device)
