@@ -291,6 +291,5 @@ class PartitionedHead(nn.Module):
             {"params": [self.weight], "lr": lr, "momentum": momentum,
              "weight_decay": weight_decay, "name": "weight"},
             {"params": [self.centers], "lr": center_lr, "momentum": self.cfg.center_momentum,
-             "weight_decay": 0.0, "name": "centers", "lr_follows_backbone":
-                self.cfg.center_lr < 0},
+             "weight_decay": 0.0, "name": "centers"},
         ], lr=lr)

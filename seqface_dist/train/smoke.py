@@ -6,7 +6,7 @@ one person, as in videos), mixed batches, the DSA centers moved by their center 
 It answers "does the whole objective train end to end?" in well under a minute on a CPU:
 each loss term falls, and verification on *unseen* classes beats the untrained net.
 
-    seqface smoke                                  # configs/smoke.yaml's values built in
+    seqface smoke                                  # configs/smoke.yaml
     seqface smoke --steps 100 loss.dsa_weight=0.1
     python -c "from seqface_dist.train.smoke import run_smoke; print(run_smoke())"
 
@@ -18,7 +18,6 @@ one person.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,23 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from seqface_dist.config import Config, config_from_dict, load_config, parse_override
+from seqface_dist.config import Config, load_config, load_named
 from seqface_dist.data.loader import normalize
 from seqface_dist.eval.verification import evaluate_scores
 from seqface_dist.train.step import local_trainer
-
-# The smoke run's config (configs/smoke.yaml holds the same values; a test keeps them equal).
-SMOKE_BASE: dict[str, Any] = {
-    "model": {"backbone": "tiny", "embedding_dim": 32, "input_size": [32, 32], "in_channels": 1},
-    # 128 centers: the reference p = 0.01 would draw one negative; 0.1 draws 12.
-    "loss": {"dsa_p": 0.1},
-    "data": {"identities_per_batch": 32, "sequences_per_batch": 32},
-    "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "step",
-              "milestones": [200, 260], "gamma": 0.1, "max_steps": 300},
-    "train": {"run_name": "smoke", "seed": 0, "log_every": 50},
-}
 
 
 @dataclass
@@ -64,20 +51,9 @@ class SyntheticSpec:
 
 
 def smoke_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """The smoke run's config: SMOKE_BASE (or the YAML file at ``path``) plus overrides."""
-    if path:
-        return load_config(path, overrides)
-    data = copy.deepcopy(SMOKE_BASE)
-    for text in overrides or []:
-        data = _merge(data, parse_override(text))
-    return config_from_dict(data)
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    """The smoke run's config: configs/smoke.yaml (or the YAML file at ``path``) plus
+    overrides."""
+    return load_config(path, overrides) if path else load_named("smoke", overrides)
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,8 +266,3 @@ def format_report(result: dict[str, Any]) -> str:
                  f"{result['verification_accuracy_untrained']:.3f} untrained -> "
                  f"{result['verification_accuracy']:.3f} trained (chance 0.5)")
     return "\n".join(lines)
-
-
-def dump_base_yaml() -> str:
-    """SMOKE_BASE as YAML (what configs/smoke.yaml holds)."""
-    return yaml.safe_dump(SMOKE_BASE, sort_keys=False)
