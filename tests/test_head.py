@@ -2,7 +2,9 @@
 
 The contract (DESIGN.md §3): with the same inputs and negative set, R = 1, 2, 3, 4 give the
 same loss terms, the same feature gradients and the same rows after one optimizer step
-as the plain single-process implementation, in float64.
+as the plain single-process implementation, in float64. Here in the paper's mode (lsr,
+written with the dense margin_logits + lsr_cross_entropy); every other sequence mode is
+held to the oracle chief_loss in tests/test_head_modes.py.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ CHIEF_W, DSA_W = 1.0, 0.04  # a DSA weight != 1 shows the center update ignores 
 
 
 def _loss_cfg(margin: str = "sphereface") -> LossConfig:
-    return LossConfig(margin=margin, lambda_base=3.0, lambda_min=3.0, scale=4.0,
+    return LossConfig(sequence_mode="lsr", margin=margin, lambda_base=3.0, lambda_min=3.0, scale=4.0,
                       chief_weight=CHIEF_W, dsa_weight=DSA_W, dsa_lambda=0.3, dsa_alpha=1.5,
                       dsa_beta=2.0, center_lr=CENTER_LR, center_momentum=0.8)
 
@@ -173,7 +175,7 @@ def test_negative_draw_per_rank_stays_in_block_and_has_expected_size():
     spec = HeadSpec(num_identities=1000, num_sequences=3001, dim=4)
     world = 3
     for mode, p in (("exact", 0.01), ("bernoulli", 0.05)):
-        cfg = LossConfig(dsa_p=p, dsa_sampler=mode)
+        cfg = LossConfig(sequence_mode="lsr", dsa_p=p, dsa_sampler=mode)
         counts = []
         for rank in range(world):
             head = PartitionedHead(spec, cfg, SoloComm(rank, world))
@@ -201,7 +203,7 @@ def test_negative_draw_per_rank_stays_in_block_and_has_expected_size():
 
 def _disagree(rank: int, world: int):
     spec = HeadSpec(num_identities=10 + rank, num_sequences=4, dim=3)
-    PartitionedHead(spec, LossConfig(), Comm())
+    PartitionedHead(spec, LossConfig(sequence_mode="lsr"), Comm())
 
 
 def test_ranks_that_disagree_fail_at_construction():
@@ -212,7 +214,7 @@ def test_ranks_that_disagree_fail_at_construction():
 
 
 def _bad_index(rank: int, world: int):
-    head = PartitionedHead(HeadSpec(4, 2, 3), LossConfig(), Comm())
+    head = PartitionedHead(HeadSpec(4, 2, 3), LossConfig(sequence_mode="lsr"), Comm())
     t = torch.tensor([0, 5]) if rank == 0 else torch.tensor([1, 17])
     head(torch.randn(2, 3), t)
 
@@ -227,7 +229,7 @@ def test_out_of_range_center_index_is_named_on_every_rank():
 def _save_blocks(rank: int, world: int, directory: str, steps: int):
     """Train a few steps on R ranks, then save; return the saved rows for comparison."""
     spec = HeadSpec(num_identities=11, num_sequences=7, dim=5, seed=3)
-    head = PartitionedHead(spec, LossConfig(dsa_p=0.5), Comm(), dtype=torch.float64)
+    head = PartitionedHead(spec, LossConfig(sequence_mode="lsr", dsa_p=0.5), Comm(), dtype=torch.float64)
     opt = head.make_optimizer(lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)
     for step in range(steps):
@@ -241,7 +243,7 @@ def _save_blocks(rank: int, world: int, directory: str, steps: int):
 
 def _reload_and_save(rank: int, world: int, src: str, dst: str):
     spec = HeadSpec(num_identities=11, num_sequences=7, dim=5, seed=3)
-    head = PartitionedHead(spec, LossConfig(dsa_p=0.5), Comm(), dtype=torch.float64)
+    head = PartitionedHead(spec, LossConfig(sequence_mode="lsr", dsa_p=0.5), Comm(), dtype=torch.float64)
     opt = head.make_optimizer(lr=0.05)
     load_head(head, opt, src)
     save_head(head, opt, dst)
@@ -281,17 +283,17 @@ def test_checkpoint_reshards_2_to_3_to_1_bit_for_bit(tmp_path):
 
 
 def test_checkpoint_mismatch_is_refused(tmp_path):
-    head = PartitionedHead(HeadSpec(11, 7, 5), LossConfig(), Comm())
+    head = PartitionedHead(HeadSpec(11, 7, 5), LossConfig(sequence_mode="lsr"), Comm())
     save_head(head, None, tmp_path)
-    other = PartitionedHead(HeadSpec(12, 7, 5), LossConfig(), Comm())
+    other = PartitionedHead(HeadSpec(12, 7, 5), LossConfig(sequence_mode="lsr"), Comm())
     with pytest.raises(HeadCheckpointError, match="num_identities=11"):
         load_head(other, None, tmp_path)
-    other = PartitionedHead(HeadSpec(11, 7, 6), LossConfig(), Comm())
+    other = PartitionedHead(HeadSpec(11, 7, 6), LossConfig(sequence_mode="lsr"), Comm())
     with pytest.raises(HeadCheckpointError, match="dim=5"):
         load_head(other, None, tmp_path)
     # A missing block (rows not covered) is refused, never silently re-initialised.
     for rank in range(2):
-        save_head(PartitionedHead(HeadSpec(11, 7, 5), LossConfig(), SoloComm(rank, 2)), None,
+        save_head(PartitionedHead(HeadSpec(11, 7, 5), LossConfig(sequence_mode="lsr"), SoloComm(rank, 2)), None,
                   tmp_path / "two")
     (tmp_path / "two" / "head-rank00001-of-00002.safetensors").unlink()
     with pytest.raises(HeadCheckpointError, match="missing"):
@@ -302,8 +304,8 @@ def test_checkpoint_mismatch_is_refused(tmp_path):
 
 def test_init_is_independent_of_world_size():
     spec = HeadSpec(num_identities=9000, num_sequences=10, dim=4, seed=5)
-    whole = PartitionedHead(spec, LossConfig(), SoloComm(0, 1)).weight.detach()
-    parts = [PartitionedHead(spec, LossConfig(), SoloComm(r, 3)).weight.detach()
+    whole = PartitionedHead(spec, LossConfig(sequence_mode="lsr"), SoloComm(0, 1)).weight.detach()
+    parts = [PartitionedHead(spec, LossConfig(sequence_mode="lsr"), SoloComm(r, 3)).weight.detach()
              for r in range(3)]
     assert torch.equal(torch.cat(parts), whole)
 
