@@ -35,7 +35,8 @@ CHIEF_W, DSA_W = 1.0, 0.04  # a DSA weight != 1 shows the center update ignores 
 
 
 def _loss_cfg(margin: str = "sphereface") -> LossConfig:
-    return LossConfig(sequence_mode="lsr", margin=margin, lambda_base=3.0, lambda_min=3.0, scale=4.0,
+    return LossConfig(sequence_mode="lsr", margin=margin, lambda_base=3.0, lambda_min=3.0,
+                      scale=4.0,
                       chief_weight=CHIEF_W, dsa_weight=DSA_W, dsa_lambda=0.3, dsa_alpha=1.5,
                       dsa_beta=2.0, center_lr=CENTER_LR, center_momentum=0.8)
 
@@ -229,7 +230,8 @@ def test_out_of_range_center_index_is_named_on_every_rank():
 def _save_blocks(rank: int, world: int, directory: str, steps: int):
     """Train a few steps on R ranks, then save; return the saved rows for comparison."""
     spec = HeadSpec(num_identities=11, num_sequences=7, dim=5, seed=3)
-    head = PartitionedHead(spec, LossConfig(sequence_mode="lsr", dsa_p=0.5), Comm(), dtype=torch.float64)
+    head = PartitionedHead(spec, LossConfig(sequence_mode="lsr", dsa_p=0.5), Comm(),
+                           dtype=torch.float64)
     opt = head.make_optimizer(lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)
     for step in range(steps):
@@ -243,7 +245,8 @@ def _save_blocks(rank: int, world: int, directory: str, steps: int):
 
 def _reload_and_save(rank: int, world: int, src: str, dst: str):
     spec = HeadSpec(num_identities=11, num_sequences=7, dim=5, seed=3)
-    head = PartitionedHead(spec, LossConfig(sequence_mode="lsr", dsa_p=0.5), Comm(), dtype=torch.float64)
+    head = PartitionedHead(spec, LossConfig(sequence_mode="lsr", dsa_p=0.5), Comm(),
+                           dtype=torch.float64)
     opt = head.make_optimizer(lr=0.05)
     load_head(head, opt, src)
     save_head(head, opt, dst)
@@ -293,7 +296,8 @@ def test_checkpoint_mismatch_is_refused(tmp_path):
         load_head(other, None, tmp_path)
     # A missing block (rows not covered) is refused, never silently re-initialised.
     for rank in range(2):
-        save_head(PartitionedHead(HeadSpec(11, 7, 5), LossConfig(sequence_mode="lsr"), SoloComm(rank, 2)), None,
+        save_head(PartitionedHead(HeadSpec(11, 7, 5), LossConfig(sequence_mode="lsr"),
+                                  SoloComm(rank, 2)), None,
                   tmp_path / "two")
     (tmp_path / "two" / "head-rank00001-of-00002.safetensors").unlink()
     with pytest.raises(HeadCheckpointError, match="missing"):

@@ -231,9 +231,8 @@ def test_sequence_rows_checkpoint_reshards_2_to_1(tmp_path):
                      ("momentum", opt.state[one.weight]["momentum_buffer"])):
         want = torch.cat([a[key][:n0], b[key][:n1], a[key][n0:], b[key][n1:]])
         assert torch.equal(got, want), key
-    lsr = PartitionedHead(HeadSpec(11, 7, 5, seed=3), LossConfig(sequence_mode="lsr", dsa_p=0.5),
-                          Comm(),
-                          dtype=torch.float64)
+    lsr = PartitionedHead(HeadSpec(11, 7, 5, seed=3),
+                          LossConfig(sequence_mode="lsr", dsa_p=0.5), Comm(), dtype=torch.float64)
     with pytest.raises(HeadCheckpointError, match="has sequence rows"):
         load_head(lsr, None, tmp_path)
 
