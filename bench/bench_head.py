@@ -260,6 +260,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes; runs in seconds")
     ap.add_argument("--force", action="store_true", help="run even if MemAvailable looks short")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    ap.add_argument("--memory-n", type=int, default=None,
+                    help="N_id = N_seq for memory (default 1000000)")
     ap.add_argument("--comm-n", type=int, nargs="+", default=None,
                     help="N_id = N_seq values for comm (default 10000 1000000)")
     ap.add_argument("--speed-n", type=int, nargs="+", default=None,
@@ -281,6 +283,8 @@ def main() -> None:
         sz["steps"] = args.steps
     if args.comm_n:
         sz["comm_n"] = tuple(args.comm_n)
+    if args.memory_n:
+        sz["memory_n"] = args.memory_n
     if args.speed_n:
         sz["speed_n"] = tuple(args.speed_n)
     what = args.what or (["memory", "comm", "speed", "passes", "scale"] if args.quick else [])
