@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Two Ray Train starts plus Ray itself: ~1 min on an idle 2-core box, minutes under load.
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # starts Ray: the slow tier
 
 
 def test_bench_train_quick_runs_end_to_end():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import ray
 
 from seqface_dist.metrics import read_sd_file, sd_path
 from seqface_dist.metrics.registrar import register_endpoint, start_registrar, stop_registrar
+
+pytestmark = pytest.mark.slow  # starts Ray: the multi-minute tier
 
 
 def test_workers_register_through_the_driver_actor(tmp_path):

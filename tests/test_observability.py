@@ -41,7 +41,7 @@ STEPS = 180
 EVAL_EVERY = 60
 READY_S = 60.0  # Prometheus up and answering
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]  # starts Ray: the slow tier
 
 
 def query(base: str, q: str, at: float | None = None) -> list[dict]:

@@ -24,7 +24,7 @@ from seqface_dist.train.checkpoint import check_complete
 from seqface_dist.train.driver import PreflightError, local_ray, preflight, run
 from seqface_dist.train.worker import history_path
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # starts Ray: the slow tier
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -18,7 +18,7 @@ from seqface_dist.config import config_from_dict
 from seqface_dist.train.checkpoint import check_complete
 from seqface_dist.train.driver import run
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # starts Ray: the slow tier
 VENV_BIN = Path(sys.executable).parent
 
 
