@@ -108,6 +108,7 @@ def run_condition(cond: str, seed: int, args: argparse.Namespace, paths: dict,
     else:
         over += [f"data.identity_shards=[{shards['labeled']}]", "data.sequence_shards=[]",
                  "data.sequences_per_batch=0", f"data.identities_per_batch={2 * args.batch}"]
+    over += args.overrides
     t0 = time.time()
     log = seqface("train", "--config", args.config, *over)
     ckpt = re.search(r"latest checkpoint (\S+)", log)
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="config override of every run (repeatable)")
     ap.add_argument("--split-seed", type=int, default=7)
     ap.add_argument("--min-installed-fonts", type=int, default=12)
     ap.add_argument("--cache-dir", default="runs/cache")
@@ -148,8 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
     for kind, tree in (("ids", "identity-tree"), ("seqs", "sequence-tree"),
                        ("labeled", "identity-tree")):
         shards[kind] = out / "shards" / kind
-        seqface("shards", "build", tree, str(paths[kind]), str(shards[kind]), "--image-size",
-                f"{args.size}x{args.size}", "--channels", "1", "--no-progress")
+        if not (shards[kind] / "manifest.json").is_file():  # the builder is idempotent too
+            seqface("shards", "build", tree, str(paths[kind]), str(shards[kind]),
+                    "--image-size", f"{args.size}x{args.size}", "--channels", "1",
+                    "--no-progress")
     results = [run_condition(cond, int(seed), args, paths, shards, out)
                for cond in args.conditions.split(",") for seed in args.seeds.split(",")]
     rows = {}

@@ -20,7 +20,7 @@ from torch import nn
 
 from seqface_dist.config import SEQUENCE_MODES, Config, config_from_dict, load_named
 from seqface_dist.data.loader import normalize
-from seqface_dist.train.step import local_trainer
+from seqface_dist.train.step import local_trainer, resolve_sequence_weight
 
 # condition -> sequence_mode (None: no sequence samples)
 CONDITIONS: dict[str, str | None] = {"a-only": None, "a-only-2x": None, "upper": None,
@@ -77,7 +77,9 @@ def train(cfg: Config, data: TrainData, *, log=print,
         raise ValueError(f"{tag}: data.sequences_per_batch = {ns} but the data has no "
                          f"sequences")
     n_seq = data.num_sequences if ns else 0
-    trainer = local_trainer(cfg, data.num_identities, n_seq)
+    weight = resolve_sequence_weight(cfg, len(data.id_labels),
+                                     len(data.seq_labels) if ns else 0)
+    trainer = local_trainer(cfg, data.num_identities, n_seq, sequence_weight=weight)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     id_x, id_y = to_batch(data.id_images), torch.from_numpy(data.id_labels).long()
     if ns:
@@ -102,6 +104,7 @@ def train(cfg: Config, data: TrainData, *, log=print,
                 f"{k} {v:.3f}" for k, v in last.items()) + f" lr {res.lr:.4f} "
                 f"({time.time() - t0:.0f} s)")
     last["seconds"] = time.time() - t0
+    last["sequence_weight"] = weight
     return trainer.module, last, trainer.head.weight.detach()
 
 

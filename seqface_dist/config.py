@@ -68,13 +68,17 @@ class LossConfig:
     # How sequence samples enter the chief loss (DESIGN.md §2.2a). The default is the mode
     # that recovered the most of the labeled gain in docs/experiments.md (E1, E2); the
     # paper's lsr cost accuracy there and stays selectable (configs/reference.yaml).
-    #   lsr              the paper: uniform target over the identity classes (x lsr_strength)
+    #   lsr              the paper: uniform target over the identity classes
     #   none             sequence samples only in DSA
     #   sequence_classes one classifier row per sequence, every sample sees every row
     #   separate_heads   identity samples see identity rows, sequence samples sequence rows
     #   masked_softmax   as sequence_classes, a sequence sample sees identity rows + its own
     sequence_mode: str = "sequence_classes"
-    lsr_strength: float = 1.0  # epsilon of mode lsr: 1 = the paper, 0 = no LSR term
+    # Weight of a sequence sample's chief loss (epsilon of lsr; 1 = the paper). < 0: auto,
+    # min(1, (sequence images / identity images) * (identities / sequences per batch)):
+    # a small sequence set drawn at a fixed share of every batch would otherwise weigh
+    # each of its images more than a labeled one (train.step.resolve_sequence_weight).
+    sequence_weight: float = -1.0
     weight_renorm: bool = False  # the reference renormalises W's rows in place every forward
     center_init: str = "zeros"  # zeros | xavier (the reference net's filler)
     reference_margin_grad: bool = False  # the Caffe layer's rescaled (not true) gradient
@@ -105,8 +109,8 @@ class LossConfig:
         _check(0.0 <= self.cosface_margin < 2.0, f"{p}.cosface_margin", "must be in [0, 2)")
         _check(self.sequence_mode in SEQUENCE_MODES, f"{p}.sequence_mode",
                f"unknown mode {self.sequence_mode!r}; choose one of {', '.join(SEQUENCE_MODES)}")
-        _check(0.0 <= self.lsr_strength <= 1.0, f"{p}.lsr_strength",
-               f"must be in [0, 1] (got {self.lsr_strength})")
+        _check(self.sequence_weight <= 1.0, f"{p}.sequence_weight",
+               f"must be in [0, 1], or < 0 for auto (got {self.sequence_weight})")
         _check(self.center_init in ("zeros", "xavier"), f"{p}.center_init",
                "must be 'zeros' or 'xavier'")
         _check(not self.reference_margin_grad or self.margin == "sphereface",

@@ -33,11 +33,10 @@ NEGATIVES = torch.tensor(sorted({0, 1, 3, 6, N_ID, N_ID + 2, N_ID + 4}))
 VARIANTS = {
     "plain": {},
     "arcface": {"margin": "arcface"},
-    "lsr_strength": {"lsr_strength": 0.3},
+    "weighted": {"sequence_weight": 0.3},
     "reference": {"reference_margin_grad": True, "weight_renorm": True},
 }
-CASES = [(m, v) for m in SEQUENCE_MODES for v in ("plain", "arcface", "reference")] + \
-    [("lsr", "lsr_strength")]
+CASES = [(m, v) for m in SEQUENCE_MODES for v in ("plain", "arcface", "reference", "weighted")]
 
 
 def _cfg(mode: str, variant: str) -> LossConfig:
@@ -67,7 +66,8 @@ def _dense(world: int, mode: str, variant: str) -> dict:
     if cfg.weight_renorm:
         weight = torch.nn.functional.normalize(weight, dim=1)
     w, c = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(centers.clone())
-    chief = chief_loss(feats, w, t, N_ID, N_SEQ, mode=mode, lsr_strength=cfg.lsr_strength,
+    weight = cfg.sequence_weight if cfg.sequence_weight >= 0 else 1.0  # auto: 1 (no data)
+    chief = chief_loss(feats, w, t, N_ID, N_SEQ, mode=mode, sequence_weight=weight,
                        kind=cfg.margin, scale=cfg.scale, m=cfg.m, lam=cfg.lambda_min,
                        arcface_margin=cfg.arcface_margin, cosface_margin=cfg.cosface_margin,
                        reference_grad=cfg.reference_margin_grad).loss
@@ -240,7 +240,7 @@ def test_sequence_rows_checkpoint_reshards_2_to_1(tmp_path):
 def test_config_refuses_unknown_mode_and_strength_by_key():
     with pytest.raises(ConfigError, match="loss.sequence_mode"):
         LossConfig(sequence_mode="tracks").validate("loss")
-    with pytest.raises(ConfigError, match="loss.lsr_strength"):
-        LossConfig(lsr_strength=1.5).validate("loss")
+    with pytest.raises(ConfigError, match="loss.sequence_weight"):
+        LossConfig(sequence_weight=1.5).validate("loss")
     with pytest.raises(ConfigError, match="loss.reference_margin_grad"):
         LossConfig(reference_margin_grad=True, margin="arcface").validate("loss")

@@ -3,7 +3,7 @@
 This is the oracle the partitioned head is held to; no training run uses it.
 
 - ``lsr``: W has the N_id identity rows. Identity samples: margin softmax cross entropy.
-  Sequence samples: ``lsr_strength`` x (logsumexp_c z_c - mean_c z_c) (the paper at 1).
+  Sequence samples: logsumexp_c z_c - mean_c z_c.
 - ``none``: as ``lsr`` but sequence samples leave the chief loss; its mean runs over the
   identity samples only.
 - ``sequence_classes``: W has N_id + N_seq rows; every sample's target is its center
@@ -12,6 +12,10 @@ This is the oracle the partitioned head is held to; no training run uses it.
   sequence samples' over the sequence rows.
 - ``masked_softmax``: the same rows; identity samples see every row, a sequence sample
   the identity rows and its own row.
+
+In every mode a sequence sample's term is multiplied by ``sequence_weight`` (in ``lsr``
+the paper's strength epsilon; 1 = the paper); the mean still divides by the number of
+samples that count.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def visible_rows(mode: str, center_index: torch.Tensor, num_identities: int,
 
 def chief_loss(features: torch.Tensor, weight: torch.Tensor, center_index: torch.Tensor,
                num_identities: int, num_sequences: int, *, mode: str = "lsr",
-               lsr_strength: float = 1.0, kind: str = "sphereface", scale: float = 32.0,
+               sequence_weight: float = 1.0, kind: str = "sphereface", scale: float = 32.0,
                m: int = 4, lam: float = 5.0, arcface_margin: float = 0.5,
                cosface_margin: float = 0.35, reference_grad: bool = False) -> ChiefTerms:
     """The chief loss of one batch in ``mode`` (W: ``chief_rows(mode, ...)`` x D)."""
@@ -74,9 +78,10 @@ def chief_loss(features: torch.Tensor, weight: torch.Tensor, center_index: torch
         z = margin_logits(features, weight, t, num_identities, **margin)
         lse = torch.logsumexp(z, dim=1)
         target = z.gather(1, torch.where(is_seq, 0, t)[:, None]).squeeze(1)
-        lsr = lsr_strength * (lse - z.mean(dim=1))
+        lsr = lse - z.mean(dim=1)
         counts = torch.ones_like(is_seq) if mode == "lsr" else ~is_seq
         per = torch.where(is_seq, lsr if mode == "lsr" else torch.zeros_like(lse), lse - target)
+    per = torch.where(is_seq, sequence_weight * per, per)
     n = counts.sum()
     loss = per.sum() / n if bool(n > 0) else per.sum() * 0.0
     return ChiefTerms(loss, per, counts)

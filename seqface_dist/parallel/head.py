@@ -91,9 +91,13 @@ def _chunked_init_(block: torch.Tensor, row0: int, draw, seed: int) -> None:
 class PartitionedHead(nn.Module):
     def __init__(self, spec: HeadSpec, loss: LossConfig | None = None, comm: Comm | None = None,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 feature_grad_scale: float = 1.0) -> None:
+                 feature_grad_scale: float = 1.0, sequence_weight: float | None = None) -> None:
         super().__init__()
         self.spec, self.cfg = spec, loss or LossConfig()
+        # loss.sequence_weight < 0 (auto) is resolved from the data by whoever knows it
+        # (train.step.resolve_sequence_weight); without that knowledge: 1, the paper's.
+        w = self.cfg.sequence_weight if sequence_weight is None else sequence_weight
+        self.sequence_weight = 1.0 if w < 0 else float(w)
         self.comm = comm or Comm()
         self.cfg.validate("loss")  # the config refuses what the head cannot do, by key
         self.mode = self.cfg.sequence_mode
@@ -247,7 +251,7 @@ class PartitionedHead(nn.Module):
         rows its sequence row (local W rows stack identity rows, then sequence rows, like
         the center block), where this rank owns it; else -1.
         """
-        cfg, mode = self.cfg, self.mode
+        mode = self.mode
         id0, id1 = self.id_rows
         n_id_cols = id1 - id0
         if self.sequence_rows:
@@ -271,9 +275,9 @@ class PartitionedHead(nn.Module):
                     n_id_cols))
             return per, counts
         per = self._block(fn, target_col, uniform, hide_id, hide_seq, lam, n_id_cols)
-        if mode == "lsr" and cfg.lsr_strength != 1.0:
-            strength = torch.full_like(per, cfg.lsr_strength)  # in per's dtype (float64 exact)
-            per = per * torch.where(is_seq, strength, torch.ones_like(per))
+        if self.sequence_weight != 1.0:
+            w = torch.full_like(per, self.sequence_weight)  # in per's dtype (float64 exact)
+            per = per * torch.where(is_seq, w, torch.ones_like(per))
         return per, counts
 
     def _block(self, fn, target_col, uniform, hide_id, hide_seq, lam, n_id_cols):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from seqface_dist.config import Config, load_config, load_named
 from seqface_dist.data.loader import normalize
 from seqface_dist.eval.verification import evaluate_scores
-from seqface_dist.train.step import local_trainer
+from seqface_dist.train.step import local_trainer, resolve_sequence_weight
 
 
 @dataclass
@@ -207,7 +207,9 @@ def _run_smoke(cfg: Config, spec: SyntheticSpec, log: Callable[[str], None] | No
     steps = cfg.optim.max_steps
     size = (cfg.model.input_size[0], cfg.model.input_size[1])
     data = make_smoke_data(spec, size, cfg.model.in_channels, cfg.train.seed)
-    trainer = local_trainer(cfg, data.num_identities, data.num_sequences)
+    weight = resolve_sequence_weight(cfg, len(data.id_index), len(data.seq_index))
+    trainer = local_trainer(cfg, data.num_identities, data.num_sequences,
+                            sequence_weight=weight)
     net = trainer.module
 
     before = verify(net, data.unseen_images, data.unseen_label, spec.verification_pairs,

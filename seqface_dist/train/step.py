@@ -55,14 +55,35 @@ def backbone_optimizer(backbone: nn.Module, o: OptimConfig) -> torch.optim.SGD:
                            weight_decay=o.weight_decay)
 
 
+def resolve_sequence_weight(cfg: Config, identity_images: int, sequence_images: int) -> float:
+    """``loss.sequence_weight``, with auto (< 0) resolved from the data's sizes.
+
+    Auto: min(1, (sequence images / identity images) x (identities / sequences per batch)).
+    A batch draws a fixed share of sequence samples whatever the sets' sizes; when the
+    sequence set is small, each of its images is then seen more often than a labeled one,
+    and this weight brings a sequence image's total pull back to at most a labeled
+    image's. A sequence set at least as large as its share of the batch keeps weight 1.
+    """
+    w, d = cfg.loss.sequence_weight, cfg.data
+    if w >= 0:
+        return w
+    if not (sequence_images and identity_images and d.identities_per_batch and
+            d.sequences_per_batch):
+        return 1.0
+    return min(1.0, sequence_images / identity_images *
+               d.identities_per_batch / d.sequences_per_batch)
+
+
 def build_head(cfg: Config, num_identities: int, num_sequences: int, comm: Comm,
-               device: torch.device | str, feature_grad_scale: float = 1.0
+               device: torch.device | str, feature_grad_scale: float = 1.0,
+               sequence_weight: float | None = None
                ) -> tuple[PartitionedHead, torch.optim.Optimizer, HeadSpec]:
     """The row-partitioned head for this rank and its own optimizer."""
     spec = HeadSpec(num_identities, num_sequences, cfg.model.embedding_dim,
                     seed=cfg.train.seed)
     head = PartitionedHead(spec, cfg.loss, comm, device=device,
-                           feature_grad_scale=feature_grad_scale)
+                           feature_grad_scale=feature_grad_scale,
+                           sequence_weight=sequence_weight)
     o = cfg.optim
     return head, head.make_optimizer(lr=o.lr, momentum=o.momentum,
                                      weight_decay=o.weight_decay), spec
@@ -157,14 +178,20 @@ class Trainer:
 
 
 def local_trainer(cfg: Config, num_identities: int, num_sequences: int,
-                  device: torch.device | str = "cpu") -> Trainer:
-    """A one-process Trainer: the backbone under a LocalEngine, the head on ``Comm()``."""
+                  device: torch.device | str = "cpu", *,
+                  sequence_weight: float | None = None) -> Trainer:
+    """A one-process Trainer: the backbone under a LocalEngine, the head on ``Comm()``.
+
+    ``sequence_weight``: the resolved ``loss.sequence_weight`` (see
+    :func:`resolve_sequence_weight`); None: the config's, auto counting as 1.
+    """
     from seqface_dist.models import build_backbone
 
     torch.manual_seed(cfg.train.seed)  # the worker's backbone init, too
     backbone = build_backbone(cfg.model).to(device)
     opt = backbone_optimizer(backbone, cfg.optim)
     comm = Comm()
-    head, head_opt, _ = build_head(cfg, num_identities, num_sequences, comm, device)
+    head, head_opt, _ = build_head(cfg, num_identities, num_sequences, comm, device,
+                                   sequence_weight=sequence_weight)
     return Trainer(cfg, LocalEngine(backbone, opt), head, head_opt, opt, comm,
                    torch.device(device))

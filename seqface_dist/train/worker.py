@@ -27,7 +27,12 @@ import torch
 from seqface_dist.config import Config, config_from_dict
 from seqface_dist.data.loader import TrainLoader, make_train_loader
 from seqface_dist.train.checkpoint import RunState
-from seqface_dist.train.step import Trainer, backbone_optimizer, build_head
+from seqface_dist.train.step import (
+    Trainer,
+    backbone_optimizer,
+    build_head,
+    resolve_sequence_weight,
+)
 
 
 def _deepspeed(cfg: Config):
@@ -109,8 +114,16 @@ def _build(cfg: Config) -> _Worker:
     layout = loader.layout
     # DeepSpeed averages backbone gradients over R ranks; the head's loss is already the
     # global batch's, so the features' gather scales their gradient by R.
+    images = {kind: sum(s["num_samples"] for s in sets) for kind, sets in
+              (("id", layout.identity_sets), ("seq", layout.sequence_sets))}
+    seq_weight = resolve_sequence_weight(cfg, images["id"], images["seq"])
     head, head_opt, spec = build_head(cfg, layout.num_identities, layout.num_sequences, comm,
-                                      device, feature_grad_scale=world)
+                                      device, feature_grad_scale=world,
+                                      sequence_weight=seq_weight)
+    if rank == 0 and cfg.data.sequences_per_batch:
+        print(f"[seqface] sequences: loss.sequence_mode {cfg.loss.sequence_mode}, "
+              f"sequence weight {seq_weight:.3g} ({images['seq']:,} sequence and "
+              f"{images['id']:,} identity images)", flush=True)
     state = RunState(world_size=world, zero_stage=cfg.train.zero_stage, seed=cfg.train.seed,
                      head={"spec": asdict(spec), "layout": layout.to_dict()},
                      config=cfg.to_dict())
