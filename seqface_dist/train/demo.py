@@ -106,7 +106,7 @@ def run_demo(out_dir: str = "demo-out", *, steps: int = 400, workers: int = 2,
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    total = 5 if compare else 4
+    total = 4 if compare else 3
     print(f"[demo] 1/{total} building MNIST shards and test pairs in {out}/ ...", flush=True)
     paths = build_demo_data(out)
     cfg = demo_config(out, paths, steps=steps, workers=workers)
@@ -129,7 +129,7 @@ def run_demo(out_dir: str = "demo-out", *, steps: int = 400, workers: int = 2,
         report["baseline_accuracy_std"] = base["accuracy_std"]
     report["seconds"] = time.perf_counter() - t0
     lines = [
-        f"[demo] {total - 1}/{total} report",
+        f"[demo] {total}/{total} report",
         f"  trained steps        {report['steps']}",
         f"  sequence handling    loss.sequence_mode = {mode} (docs/experiments.md compares "
         "the modes)",
