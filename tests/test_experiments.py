@@ -214,3 +214,19 @@ def test_cjk_sensitivity_end_to_end(fonts, tmp_path_factory) -> None:
     assert by_setting["p=0.5"]["dsa_p"] == 0.5 and by_setting["w=0.1"]["dsa_weight"] == 0.1
     assert by_setting["lsr (no DSA)"]["dsa_weight"] == 0.0
     assert "--set loss.dsa_p=0.5" in report["rows"][2]["command"]
+
+
+@pytest.mark.slow  # two Ray runs through the CLI
+@pytest.mark.timeout(600)
+def test_cli_small_end_to_end(fonts, tmp_path) -> None:
+    from experiments import cli_small
+
+    report = cli_small.main(["--labeled", "6", "--people", "2", "--unseen", "20",
+                             "--pairs-per-fold", "3", "--steps", "4", "--seeds", "0",
+                             "--conditions", "a-only,default", "--min-installed-fonts", "2",
+                             "--cache-dir", str(tmp_path / "cache"),
+                             "--out", str(tmp_path / "out")])
+    for cond in ("a-only", "default"):
+        (acc,) = report["rows"][cond]["runs"]
+        assert 0.0 <= acc <= 1.0, cond
+    assert (tmp_path / "out" / "data" / "pairs.txt").read_text().startswith("10 3\n")
