@@ -40,8 +40,9 @@ def _save(img: np.ndarray, path: Path) -> None:
 def write_folders(args: argparse.Namespace, root: Path) -> dict[str, Path]:
     """ids/<char>/, seqs/<track>/, labeled/<char>/ (ids + the track characters) and the
     unseen characters' images and pairs.txt (LFW layout)."""
-    gs = load_glyphs(require_fonts(args.min_installed_fonts), args.cache_dir, min_fonts=12,
-                     log=lambda s: None).with_min_fonts(12)
+    gs = load_glyphs(require_fonts(args.min_installed_fonts), args.cache_dir,
+                     min_fonts=min(12, args.min_fonts), max_chars=args.max_chars,
+                     log=lambda s: None).with_min_fonts(args.min_fonts)
     rng = np.random.default_rng(args.split_seed)
     chars = rng.permutation(gs.chars())
     a, b = chars[:args.labeled], chars[args.labeled:args.labeled + args.people]
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="config override of every run (repeatable)")
     ap.add_argument("--split-seed", type=int, default=7)
+    ap.add_argument("--min-fonts", type=int, default=12,
+                    help="keep characters with at least this many valid renders")
+    ap.add_argument("--max-chars", type=int, default=None,
+                    help="render only the first N eligible characters (tests)")
     ap.add_argument("--min-installed-fonts", type=int, default=12)
     ap.add_argument("--cache-dir", default="runs/cache")
     ap.add_argument("--out", default="runs/cli-small")

@@ -224,6 +224,7 @@ def test_cli_small_end_to_end(fonts, tmp_path) -> None:
     report = cli_small.main(["--labeled", "6", "--people", "2", "--unseen", "20",
                              "--pairs-per-fold", "3", "--steps", "4", "--seeds", "0",
                              "--conditions", "a-only,default", "--min-installed-fonts", "2",
+                             "--min-fonts", "2", "--max-chars", "60",
                              "--cache-dir", str(tmp_path / "cache"),
                              "--out", str(tmp_path / "out")])
     for cond in ("a-only", "default"):
