@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from dist_util import run_ranks
+from head_util import assert_rank_matches
 
 from seqface_dist.config import LossConfig
 from seqface_dist.losses import dsa_loss, lsr_cross_entropy, margin_logits
@@ -117,20 +118,8 @@ def _check_against_reference(results: list[dict], world: int) -> None:
         kind, margin = key.split("/")
         ref = _reference(kind, world, 11, margin)
         for rank, res in enumerate(results):
-            got = res[key]
-            for term in ("loss", "chief", "dsa"):
-                torch.testing.assert_close(got[term], ref[term], rtol=1e-10, atol=1e-12,
-                                           msg=f"{key} rank {rank}: {term}")
-            sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-            torch.testing.assert_close(got["feat_grad"], ref["feat_grad"][sl], rtol=1e-9,
-                                       atol=1e-12, msg=f"{key} rank {rank}: feature grad")
-            id0, id1, sq0, sq1 = got["rows"].tolist()
-            torch.testing.assert_close(got["weight"], ref["weight"][id0:id1], rtol=1e-9,
-                                       atol=1e-12, msg=f"{key} rank {rank}: W rows")
-            want_c = torch.cat([ref["centers"][id0:id1],
-                                ref["centers"][N_ID + sq0:N_ID + sq1]])
-            torch.testing.assert_close(got["centers"], want_c, rtol=1e-9, atol=1e-12,
-                                       msg=f"{key} rank {rank}: centers")
+            assert_rank_matches(res[key], ref, rank, PER_RANK, N_ID, ("loss", "chief", "dsa"),
+                                f"{key} rank {rank}")
 
 
 def test_contract_one_rank_same_code_path():

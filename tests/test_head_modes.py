@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_util import run_ranks
+from head_util import assert_rank_matches
 
 from seqface_dist.config import SEQUENCE_MODES, ConfigError, LossConfig
 from seqface_dist.losses import chief_loss, chief_rows, dsa_loss
@@ -111,23 +112,8 @@ def _check(results: list[dict], world: int) -> None:
         mode, variant = key.split("/")
         ref = _dense(world, mode, variant)
         for rank, got in enumerate(results):
-            got = got[key]
-            where = f"{key} R={world} rank {rank}"
-            for term in ("loss", "chief"):
-                torch.testing.assert_close(got[term], ref[term], rtol=1e-10, atol=1e-12,
-                                           msg=f"{where}: {term}")
-            sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-            torch.testing.assert_close(got["feat_grad"], ref["feat_grad"][sl], rtol=1e-9,
-                                       atol=1e-12, msg=f"{where}: feature grad")
-            id0, id1, sq0, sq1 = got["rows"].tolist()
-            want_w = [ref["weight"][id0:id1]]
-            if ref["weight"].shape[0] > N_ID:
-                want_w.append(ref["weight"][N_ID + sq0:N_ID + sq1])
-            torch.testing.assert_close(got["weight"], torch.cat(want_w), rtol=1e-9,
-                                       atol=1e-12, msg=f"{where}: W rows")
-            want_c = torch.cat([ref["centers"][id0:id1], ref["centers"][N_ID + sq0:N_ID + sq1]])
-            torch.testing.assert_close(got["centers"], want_c, rtol=1e-9, atol=1e-12,
-                                       msg=f"{where}: centers")
+            assert_rank_matches(got[key], ref, rank, PER_RANK, N_ID, ("loss", "chief"),
+                                f"{key} R={world} rank {rank}")
 
 
 def test_modes_contract_one_rank():
