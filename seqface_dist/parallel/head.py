@@ -287,6 +287,21 @@ class PartitionedHead(nn.Module):
 
     # -- optimisation ----------------------------------------------------------------------
 
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared norm of the classifier's gradient over every rank's block (a collective).
+
+        The centers' update is not a gradient and is not counted (nor clipped).
+        """
+        g = self.weight.grad
+        sq = (g.float().square().sum() if g is not None else
+              torch.zeros((), device=self.weight.device))
+        return self.comm.all_reduce_(sq.reshape(1)).squeeze(0)
+
+    def scale_grad_(self, coef: float) -> None:
+        """Multiply the classifier's gradient by ``coef`` (gradient clipping)."""
+        if self.weight.grad is not None:
+            self.weight.grad.mul_(coef)
+
     def make_optimizer(self, lr: float, momentum: float = 0.9,
                        weight_decay: float = 5e-4) -> InPlaceSGD:
         """W with weight decay; centers without, at the center lr (default: the same lr)."""

@@ -166,14 +166,13 @@ class Trainer:
         """
         bb = [p.grad for p in self.module.parameters() if p.grad is not None]
         sq_bb = sum(g.float().square().sum() for g in bb) if bb else torch.zeros(())
-        hw = self.head.weight.grad
-        sq_head = hw.float().square().sum() if hw is not None else torch.zeros(())
-        sq_head = self.comm.all_reduce_(sq_head.reshape(1).to(self.head.weight.device))
-        norm = float(torch.sqrt(sq_bb.to(sq_head.device) + sq_head.squeeze(0)))
+        sq_head = self.head.grad_sq_norm()
+        norm = float(torch.sqrt(sq_bb.to(sq_head.device) + sq_head))
         if max_norm > 0 and norm > max_norm:
             coef = max_norm / (norm + 1e-6)
-            for g in bb + ([hw] if hw is not None else []):
+            for g in bb:
                 g.mul_(coef)
+            self.head.scale_grad_(coef)
         return norm
 
 
