@@ -62,3 +62,10 @@ def test_demo_trains_from_local_cpu_and_its_baseline_has_the_same_labeled_budget
     assert base.data.identities_per_batch == cfg.data.identities_per_batch
     assert base.optim == cfg.optim
     assert Path(cfg.data.identity_shards[0]) == paths["ids"]
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "loss.scale=.nan", "loss.dsa_alpha=-.inf",
+                                      "loss.center_lr=nan", "loss.dsa_weight=1e999"])
+def test_non_finite_numbers_are_refused_naming_the_key(override):
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: must be a finite number"):
+        load_named("local-cpu", [override])
