@@ -6,6 +6,7 @@ every run is read from rank 0's ``history.jsonl`` (one line per logged step).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -45,7 +46,34 @@ def test_preflight_refuses_bad_runs_before_any_worker(shards, tmp_path):
     wrong_size["model"]["input_size"] = [32, 32]
     with pytest.raises(PreflightError, match="input_size"):
         preflight(config_from_dict(wrong_size))
+    no_pairs = train_cfg(shards, tmp_path, "x", eval__pairs=str(tmp_path / "no.bin"))
+    with pytest.raises(PreflightError, match="eval.pairs"):
+        preflight(config_from_dict(no_pairs))
     assert not ray.is_initialized()  # nothing was started (runs before the Ray tests)
+
+
+def test_preflight_refuses_a_resume_across_classifier_layouts(shards, tmp_path):
+    # A checkpoint's state.json records the mode it trained with; an lsr head has no
+    # sequence rows, so a sequence_classes run cannot continue it (and vice versa).
+    from seqface_dist.parallel import HeadSpec, PartitionedHead, save_head
+    from seqface_dist.train.checkpoint import ENGINE_DIR, ENGINE_TAG, RunState
+
+    ckpt = tmp_path / "ckpt"
+    cfg = config_from_dict(train_cfg(shards, tmp_path, "x", loss__sequence_mode="lsr"))
+    lay = preflight(cfg)
+    spec = HeadSpec(lay.num_identities, lay.num_sequences, cfg.model.embedding_dim)
+    save_head(PartitionedHead(spec, cfg.loss), None, ckpt)
+    (ckpt / ENGINE_DIR / ENGINE_TAG).mkdir(parents=True)  # what check_complete looks for
+    state = RunState(world_size=1, zero_stage=0, seed=0, config=cfg.to_dict(),
+                     head={"spec": {"num_identities": spec.num_identities,
+                                    "num_sequences": spec.num_sequences, "dim": spec.dim}})
+    (ckpt / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
+    again = train_cfg(shards, tmp_path, "y", loss__sequence_mode="lsr",
+                      train__resume_from=str(ckpt))
+    preflight(config_from_dict(again))  # the same mode resumes
+    other = dict(again, loss={**again["loss"], "sequence_mode": "sequence_classes"})
+    with pytest.raises(PreflightError, match="set loss.sequence_mode=lsr"):
+        preflight(config_from_dict(other))
 
 
 @pytest.fixture(scope="module")

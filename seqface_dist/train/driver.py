@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from seqface_dist.config import Config, ConfigError
+from seqface_dist.config import CLASS_ROW_MODES, Config, ConfigError
 
 
 class PreflightError(RuntimeError):
@@ -107,6 +107,9 @@ def preflight(cfg: Config) -> Preflight:
     layout = make_layout(id_sets, seq_sets)
     if layout.num_identities < 1:
         raise PreflightError("data.identity_shards: no identities; the chief loss needs some")
+    if cfg.eval.pairs and "://" not in cfg.eval.pairs and not Path(cfg.eval.pairs).exists():
+        raise PreflightError(f"eval.pairs: {cfg.eval.pairs} does not exist (rank 0 evaluates "
+                             "it during training; '' = no evaluation)")
     if cfg.train.resume_from:
         _check_resume(cfg, layout.num_identities, layout.num_sequences)
     storage = _check_storage(cfg.train.storage_path, d.s3_endpoint_url)
@@ -129,6 +132,14 @@ def _check_resume(cfg: Config, n_id: int, n_seq: int) -> None:
         if spec.get(key) != have:
             raise PreflightError(f"train.resume_from {uri}: the checkpoint's head has "
                                  f"{key}={spec.get(key)}, this run has {key}={have}")
+    # A checkpoint from before sequence modes existed was trained with lsr.
+    saved = (state.config or {}).get("loss", {}).get("sequence_mode", "lsr")
+    mode = cfg.loss.sequence_mode
+    if (saved in CLASS_ROW_MODES) != (mode in CLASS_ROW_MODES):
+        rows = "has" if saved in CLASS_ROW_MODES else "has no"
+        raise PreflightError(f"train.resume_from {uri}: the checkpoint's classifier {rows} "
+                             f"a row per sequence (loss.sequence_mode {saved}); this run's "
+                             f"{mode} needs the other; set loss.sequence_mode={saved}")
 
 
 def _free_port() -> int:
