@@ -9,6 +9,7 @@ per step, sequence runs add `--batch` track samples, `--steps` steps):
   default   + the tracks, with the config's default sequence handling
   labeled   the track characters labeled instead (identities), at the doubled batch
 Characters are drawn with `--split-seed` from those E1/E2 do not fix (a fresh shuffle).
+`--styles` is the small analogue of E2 (the tracks carry the styles the labeled set lacks).
 
     python -m experiments.cli_small                   # ~2 min a run on 2 cores
     python -m experiments.cli_small --seeds 0 --steps 50 --out runs/cli-small-test
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from experiments.glyphs import load_glyphs, require_fonts
+from experiments.glyphs import PRINT_FONTS, load_glyphs, require_fonts
 
 CONDITIONS = ("a-only", "default", "labeled")
 
@@ -44,38 +45,50 @@ def write_folders(args: argparse.Namespace, root: Path) -> dict[str, Path]:
                      min_fonts=min(12, args.min_fonts), max_chars=args.max_chars,
                      log=lambda s: None).with_min_fonts(args.min_fonts)
     rng = np.random.default_rng(args.split_seed)
+    printed = np.isin(np.asarray(gs.font_names)[gs.font_of], list(PRINT_FONTS))
+    # --styles: labeled renders in print fonts, tracks in the others, pairs across both.
+    a_rows = printed if args.styles else np.ones_like(printed)
+    b_rows = ~printed if args.styles else np.ones_like(printed)
     chars = rng.permutation(gs.chars())
     a, b = chars[:args.labeled], chars[args.labeled:args.labeled + args.people]
     c = chars[args.labeled + args.people:args.labeled + args.people + args.unseen]
     for ch in a:
-        for k, i in enumerate(np.flatnonzero(gs.char_of == ch)):
+        for k, i in enumerate(np.flatnonzero((gs.char_of == ch) & a_rows)):
             _save(gs.images[i], root / "ids" / f"c{ch:x}" / f"{k:03d}.jpg")
             _save(gs.images[i], root / "labeled" / f"c{ch:x}" / f"{k:03d}.jpg")
     for ch in b:
-        rows = rng.permutation(np.flatnonzero(gs.char_of == ch))
+        rows = rng.permutation(np.flatnonzero((gs.char_of == ch) & b_rows))
         for t, part in enumerate(np.array_split(rows, args.tracks)):
             for k, i in enumerate(part):
                 _save(gs.images[i], root / "seqs" / f"c{ch:x}-t{t}" / f"{k:03d}.jpg")
         for k, i in enumerate(rows):
             _save(gs.images[i], root / "labeled" / f"c{ch:x}" / f"{k:03d}.jpg")
-    names = {}
+    names, c_printed = {}, {}
     for ch in c:
         rows = np.flatnonzero(gs.char_of == ch)
         name = f"u{ch:x}"
         names[name] = len(rows)
+        c_printed[name] = printed[rows]
         for k, i in enumerate(rows):
             _save(gs.images[i], root / "lfw" / name / f"{name}_{k + 1:04d}.jpg")
     groups = np.array_split(np.array(sorted(names)), 10)
     lines = [f"10 {args.pairs_per_fold}"]
+    def pick(name: str, style: bool | None) -> int:  # 1-based image number
+        ok = [k for k, p in enumerate(c_printed[name]) if style is None or p == style]
+        return int(rng.choice(ok)) + 1
+
+    first, second = (True, False) if args.styles else (None, None)
     for g in groups:
         for _ in range(args.pairs_per_fold):
             n = rng.choice(g)
-            i, j = rng.choice(names[n], 2, replace=False) + 1
+            if args.styles:
+                i, j = pick(n, first), pick(n, second)
+            else:
+                i, j = rng.choice(names[n], 2, replace=False) + 1
             lines.append(f"{n}\t{i}\t{j}")
         for _ in range(args.pairs_per_fold):
             n1, n2 = rng.choice(g, 2, replace=False)
-            lines.append(f"{n1}\t{rng.integers(names[n1]) + 1}\t{n2}\t"
-                         f"{rng.integers(names[n2]) + 1}")
+            lines.append(f"{n1}\t{pick(n1, first)}\t{n2}\t{pick(n2, second)}")
     (root / "pairs.txt").write_text("\n".join(lines) + "\n")
     return {k: root / k for k in ("ids", "seqs", "labeled", "lfw")} | {
         "pairs": root / "pairs.txt"}
@@ -142,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="config override of every run (repeatable)")
     ap.add_argument("--split-seed", type=int, default=7)
+    ap.add_argument("--styles", action="store_true",
+                    help="labeled renders in print fonts, tracks in the other fonts, every "
+                         "pair one print render against one other (where labeling B helps)")
     ap.add_argument("--min-fonts", type=int, default=12,
                     help="keep characters with at least this many valid renders")
     ap.add_argument("--max-chars", type=int, default=None,
