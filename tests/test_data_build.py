@@ -93,6 +93,18 @@ def test_identity_tree_builds_skips_bad_inputs_and_maps_sorted_labels(identity_t
     assert len(seen) == len(set(seen)) == 20
 
 
+@pytest.mark.timeout(120)
+def test_a_fifo_named_like_an_image_is_skipped_not_read(identity_tree, tmp_path):
+    # Opening a FIFO for reading blocks until a writer comes: the builder must not try.
+    os.mkfifo(identity_tree / "dave" / "pipe.jpg")
+    out = str(tmp_path / "out")
+    rep = build_identity_tree(str(identity_tree), out,
+                              BuildOptions(image_size=SIZE, max_samples=6, progress=False))
+    reasons = {p.source: p.reason for p in rep.problems}
+    assert reasons["dave/pipe.jpg"] == "not a regular file"
+    assert load_manifest(os.path.join(out, "manifest.json")).num_samples == 20
+
+
 def test_right_size_jpegs_pass_through_others_are_resized(tmp_path):
     root = tmp_path / "ids"
     right = smooth_image(1, *SIZE)

@@ -13,6 +13,7 @@ escape the root, malformed records. Each rejection is a :class:`Problem`.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -87,6 +88,9 @@ def scan_tree(root: str, kind: str) -> tuple[list[Item], list[Problem]]:
                 st = os.stat(full)
             except OSError as e:
                 problems.append(Problem(rel, f"unreadable: {e.strerror}"))
+                continue
+            if not stat.S_ISREG(st.st_mode):  # a FIFO named x.jpg would block the reader
+                problems.append(Problem(rel, "not a regular file"))
                 continue
             items.append(Item(label, rel, ("file", os.path.abspath(full)), _stamp(st), st.st_size))
     # An identity folder whose files were all rejected by name is empty for training.
