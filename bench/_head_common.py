@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from seqface_dist.config import CLASS_ROW_MODES, LossConfig
-from seqface_dist.losses import dsa_loss, lambda_schedule, lsr_cross_entropy, margin_logits
+from seqface_dist.losses import chief_loss, dsa_loss, lambda_schedule
 from seqface_dist.parallel import Comm, HeadLayout, HeadSpec, PartitionedHead, SoloComm
 
 GB = 1e9
@@ -141,9 +141,12 @@ def head_step(head: PartitionedHead, opt, setup: Setup, rank: int, step: int) ->
 
 
 class DenseReference:
-    """The same math on one process, written plainly: margin_logits + lsr_cross_entropy +
-    dsa_loss with autograd and torch.optim.SGD. W and C are the R = 1 head's initial
-    rows (shared storage, no copy) and the negatives are its draws, so the losses match."""
+    """The speed and memory *baseline* of `bench_head.py speed`: the same math on one
+    process, written plainly with the dense oracle (`chief_loss` in the setup's mode +
+    `dsa_loss`, autograd, torch.optim.SGD) on random features, no backbone. It trains
+    nothing: training runs go through `seqface_dist.train.step` and the partitioned head.
+    W and C are the R = 1 head's initial rows (shared storage, no copy) and the negatives
+    are its draws, so the losses match the head's."""
 
     def __init__(self, setup: Setup, cfg: LossConfig, sparse_centers: bool) -> None:
         self.setup, self.cfg, self.sparse = setup, cfg, sparse_centers
@@ -160,9 +163,9 @@ class DenseReference:
         feats.requires_grad_(True)
         lam = lambda_schedule(step, base=cfg.lambda_base, gamma=cfg.lambda_gamma,
                               power=cfg.lambda_power, lambda_min=cfg.lambda_min)
-        logits = margin_logits(feats, self.weight, t, n_id, kind=cfg.margin, scale=cfg.scale,
-                               m=cfg.m, lam=lam)
-        chief = lsr_cross_entropy(logits, t, n_id)
+        chief = chief_loss(feats, self.weight, t, n_id, self.setup.num_sequences,
+                           mode=cfg.sequence_mode, kind=cfg.margin, scale=cfg.scale, m=cfg.m,
+                           lam=lam).loss
         neg = self.draws.global_index_of_rows(self.draws.draw_negatives(step))
         dsa = dsa_loss(feats, t, self.centers, n_id, neg, lam=cfg.dsa_lambda,
                        alpha=cfg.dsa_alpha, beta=cfg.dsa_beta, sparse_center_grad=self.sparse)
@@ -357,8 +360,6 @@ def dense_worker(rank: int, setup_d: dict, sparse_centers: bool) -> dict:
     setup = Setup(**setup_d)
     reset_peak_rss()
     base = rss_bytes()
-    if setup.mode != "lsr":
-        raise ValueError("the dense reference of the speed bench is the paper's lsr mode")
     ref = DenseReference(setup, setup.loss_cfg(), sparse_centers)
     times, cpu, losses = [], [], []
     for step in range(setup.warmup + setup.steps):

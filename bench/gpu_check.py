@@ -3,14 +3,15 @@
     python bench/gpu_check.py                 # on a CUDA machine
     python bench/gpu_check.py --device cpu    # dry run here (tiny sizes)
 
-1. Contract on the device: the head (R = 1, fp32 on the GPU) against the single-process
-   losses in float64 on the CPU, same inputs and negatives: loss, feature gradient and
-   the W rows / centers after one step.
+1. Contract on the device: one step of the head (R = 1, fp32 on the GPU, the default
+   sequence mode) against the dense oracle (`chief_loss` + `dsa_loss`) in float64 on the
+   CPU, same inputs and negatives: loss, feature gradient and W's gradient. An oracle
+   check, not a training run (those go through `seqface_dist.train.step`).
 2. Head step time at N_id = N_seq = 100k and 1M (batch 256, D 512) against the dense
    single-process step, and the fraction of the matmul floor (3 GEMMs at the measured
    sgemm rate of those shapes).
 3. Backbone forward+backward images/s (sphere20 112x96, iresnet50 112x112), fp32 and bf16
-   autocast.
+   autocast: a throughput probe on a stand-in loss, no head and no optimizer.
 Prints figures only; copy them into bench/RESULTS.md with the device name.
 """
 
