@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from dist_util import run_ranks
 
 
 def assert_rank_matches(got: dict, ref: dict, rank: int, per_rank: int, num_identities: int,
@@ -25,3 +26,14 @@ def assert_rank_matches(got: dict, ref: dict, rank: int, per_rank: int, num_iden
     want_c = torch.cat([ref["centers"][id0:id1], ref["centers"][n + sq0:n + sq1]])
     torch.testing.assert_close(got["centers"], want_c, rtol=1e-9, atol=1e-12,
                                msg=f"{where}: centers")
+
+
+def contract_results(cases, world: int) -> list[dict]:
+    """``cases(rank, world)`` on every rank: in this process without any process group at
+    R = 1 (``Comm()`` is a world of one, the same code path), on real gloo ranks above."""
+    if world == 1:
+        return [cases(0, 1)]
+    results = run_ranks(cases, world)
+    for r in results:
+        assert "ok" in r, r.get("trace")
+    return [r["ok"] for r in results]

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from dist_util import run_ranks
-from head_util import assert_rank_matches
+from head_util import assert_rank_matches, contract_results
 
 from seqface_dist.config import LossConfig
 from seqface_dist.losses import dsa_loss, lsr_cross_entropy, margin_logits
@@ -122,17 +122,9 @@ def _check_against_reference(results: list[dict], world: int) -> None:
                                 f"{key} rank {rank}")
 
 
-def test_contract_one_rank_same_code_path():
-    # No process group at all: Comm() is a world of one, the same code as R > 1.
-    _check_against_reference([_contract_all_cases(0, 1)], 1)
-
-
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_contract_multi_rank_gloo(world):
-    results = run_ranks(_contract_all_cases, world)
-    for r in results:
-        assert "ok" in r, r.get("trace")
-    _check_against_reference([r["ok"] for r in results], world)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_contract(world):
+    _check_against_reference(contract_results(_contract_all_cases, world), world)
 
 
 def test_reference_differs_when_negatives_differ():

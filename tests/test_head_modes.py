@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_util import run_ranks
-from head_util import assert_rank_matches
+from head_util import assert_rank_matches, contract_results
 
 from seqface_dist.config import SEQUENCE_MODES, ConfigError, LossConfig
 from seqface_dist.losses import chief_loss, chief_rows, dsa_loss
@@ -116,16 +116,9 @@ def _check(results: list[dict], world: int) -> None:
                                 f"{key} R={world} rank {rank}")
 
 
-def test_modes_contract_one_rank():
-    _check([_all_cases(0, 1)], 1)
-
-
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_modes_contract_multi_rank_gloo(world):
-    results = run_ranks(_all_cases, world)
-    for r in results:
-        assert "ok" in r, r.get("trace")
-    _check([r["ok"] for r in results], world)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_modes_contract(world):
+    _check(contract_results(_all_cases, world), world)
 
 
 def test_modes_differ_from_each_other():
