@@ -137,14 +137,16 @@ class Trainer:
         t0 = time.perf_counter()
         feats = self.engine(normalize(images.to(self.device, non_blocking=True)))
         out = self.head(feats, center_index.to(self.device), step=step)
+        t1 = time.perf_counter()
+        self.engine.backward(out.loss)
+        # Checked after the backward is queued (no extra device sync before it) and before
+        # any optimizer moves a weight: a diverged step changes nothing.
         loss = float(out.loss.detach())
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"step {step}: the loss is {loss} (chief {float(out.chief):.4g}, dsa "
                 f"{float(out.dsa):.4g}); the run diverged: lower optim.lr (now {o.lr}), add "
                 f"optim.warmup_steps or set optim.grad_clip")
-        t1 = time.perf_counter()
-        self.engine.backward(out.loss)
         t2 = time.perf_counter()
         # The norm costs a pass over every gradient: only when clipping or logging it.
         grad_norm = (self.clip_gradients(o.grad_clip) if o.grad_clip > 0 or want_grad_norm
