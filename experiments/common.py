@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from seqface_dist.config import SEQUENCE_MODES, Config, config_from_dict, load_named
-from seqface_dist.data.loader import normalize
+from seqface_dist.data.normalize import normalize
 from seqface_dist.train.step import local_trainer, resolve_sequence_weight
 
 # condition -> sequence_mode (None: no sequence samples)

@@ -48,6 +48,7 @@ from seqface_dist.data.batchring import BatchRing
 from seqface_dist.data.batchworkers import BatchWorkers
 from seqface_dist.data.counters import ROW_WIDTH, DataCounters
 from seqface_dist.data.manifest import ShardSet, resolve_shard_set
+from seqface_dist.data.normalize import normalize
 from seqface_dist.data.stream import ShardReader, ShardRef, assign_shards, kind_stream, shard_refs
 
 
@@ -132,18 +133,6 @@ def _reverse_rows(h: int, row_bytes: int) -> Callable[[np.ndarray], None]:
         tmp.byteswap(inplace=True)
         words[...] = tmp
     return reverse_words
-
-
-# The one input normalisation of every model this project trains; the export records it
-# in model.json so that whoever loads the model feeds it the same inputs.
-INPUT_NORMALIZATION = {"pixels": "uint8 B x H x W x C", "tensor": "float32 B x C x H x W",
-                       "mean": 127.5, "scale": 1.0 / 128.0}
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 B x H x W x C -> float32 B x C x H x W, (x - 127.5) / 128, on images' device."""
-    x = images.permute(0, 3, 1, 2).contiguous().float()  # transpose while still 1 byte
-    return x.sub_(127.5).mul_(1.0 / 128.0)  # exact: a power of two
 
 
 def to_tensor(batch: list[np.ndarray]) -> torch.Tensor:

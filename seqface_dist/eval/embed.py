@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seqface_dist.data.loader import INPUT_NORMALIZATION, normalize
+from seqface_dist.data.normalize import INPUT_NORMALIZATION, normalize
 
 if TYPE_CHECKING:
     from seqface_dist.config import ModelConfig

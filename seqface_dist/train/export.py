@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from seqface_dist.config import ModelConfig
-from seqface_dist.data.loader import INPUT_NORMALIZATION
+from seqface_dist.data.normalize import INPUT_NORMALIZATION
 
 
 def export_embedding(backbone: nn.Module, model_cfg: ModelConfig, out_dir: str | Path) -> Path:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from seqface_dist.config import Config, load_config, load_named
-from seqface_dist.data.loader import normalize
+from seqface_dist.data.normalize import normalize
 from seqface_dist.eval.verification import evaluate_scores
 from seqface_dist.train.step import local_trainer, resolve_sequence_weight
 

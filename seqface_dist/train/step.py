@@ -7,7 +7,7 @@ the bare-loop bench all train through :class:`Trainer`; nothing else updates a m
         res = trainer.step(images, center_index, step)
 
 A step: learning rate and A-Softmax lambda from their schedules, the input normalisation
-(``seqface_dist.data.loader.normalize``, the one the export records), backbone forward,
+(``seqface_dist.data.normalize``, the one the export records), backbone forward,
 the partitioned head (``Comm()``: a world of one without a process group), backward
 (which also fills the head's row gradients), gradient clipping over backbone and head,
 the backbone's optimizer, then the head's (W, and the centers' pull update).
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from seqface_dist.config import Config, OptimConfig
-from seqface_dist.data.loader import normalize
+from seqface_dist.data.normalize import normalize
 from seqface_dist.parallel import Comm, HeadOutput, HeadSpec, PartitionedHead
 from seqface_dist.train.schedule import lr_multiplier, set_lr
 
