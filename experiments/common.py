@@ -20,6 +20,7 @@ from torch import nn
 
 from seqface_dist.config import SEQUENCE_MODES, Config, config_from_dict, load_named
 from seqface_dist.data.normalize import normalize
+from seqface_dist.train.memory import sample_batch
 from seqface_dist.train.step import local_trainer, resolve_sequence_weight
 
 # condition -> sequence_mode (None: no sequence samples)
@@ -72,7 +73,7 @@ def train(cfg: Config, data: TrainData, *, log=print,
     `data.sequences_per_batch` > 0) from `data.seq_*`; returns the net, the last step's
     figures and the head's classifier rows (identity rows first).
     """
-    ni, ns = cfg.data.identities_per_batch, cfg.data.sequences_per_batch
+    ns = cfg.data.sequences_per_batch
     if ns and (data.seq_images is None or data.num_sequences == 0):
         raise ValueError(f"{tag}: data.sequences_per_batch = {ns} but the data has no "
                          f"sequences")
@@ -82,6 +83,7 @@ def train(cfg: Config, data: TrainData, *, log=print,
     trainer = local_trainer(cfg, data.num_identities, n_seq, sequence_weight=weight)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     id_x, id_y = to_batch(data.id_images), torch.from_numpy(data.id_labels).long()
+    seq_x = seq_t = None
     if ns:
         seq_x = to_batch(data.seq_images)
         seq_t = torch.from_numpy(data.seq_labels).long() + data.num_identities
@@ -89,14 +91,7 @@ def train(cfg: Config, data: TrainData, *, log=print,
     trainer.module.train()
     t0, last = time.time(), {}
     for step in range(steps):
-        pick = torch.randint(len(id_y), (ni,), generator=gen)
-        x, t = id_x[pick], id_y[pick]
-        if ns:
-            pick = torch.randint(len(seq_t), (ns,), generator=gen)
-            x, t = torch.cat([x, seq_x[pick]]), torch.cat([t, seq_t[pick]])
-        if cfg.data.flip:
-            flip = torch.rand(len(t), generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(2), x)
+        x, t = sample_batch(id_x, id_y, seq_x, seq_t, cfg.data, gen)
         res = trainer.step(x, t, step)
         last = {k: v for k, v in res.losses().items() if v == v}
         if (step + 1) % every == 0 or step + 1 == steps:

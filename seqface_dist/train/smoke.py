@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from seqface_dist.config import Config, load_config, load_named
 from seqface_dist.data.normalize import normalize
 from seqface_dist.eval.verification import evaluate_scores
+from seqface_dist.train.memory import sample_batch
 from seqface_dist.train.step import local_trainer, resolve_sequence_weight
 
 
@@ -168,14 +169,8 @@ def mixed_batch(data: SmokeData, cfg: Config,
                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """data.identities_per_batch identity samples, then data.sequences_per_batch track frames
     (drawn with replacement), optionally flipped: images and center indices."""
-    ni, ns = cfg.data.identities_per_batch, cfg.data.sequences_per_batch
-    a = torch.randint(0, data.id_index.shape[0], (ni,), generator=g)
-    b = torch.randint(0, data.seq_index.shape[0], (ns,), generator=g)
-    x = torch.cat([data.id_images[a], data.seq_images[b]])
-    if cfg.data.flip:
-        flip = torch.rand(x.shape[0], generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(2), x)  # B x H x W x C
-    return x, torch.cat([data.id_index[a], data.seq_index[b]])
+    return sample_batch(data.id_images, data.id_index, data.seq_images, data.seq_index,
+                        cfg.data, g)
 
 
 TERMS = ("total", "chief", "dsa", "pull", "push", "active")
