@@ -128,7 +128,7 @@ def run_condition(cond: str, seed: int, args: argparse.Namespace, paths: dict,
     ckpt = re.search(r"latest checkpoint (\S+)", log)
     if ckpt is None:
         raise RuntimeError(f"no checkpoint in the train output:\n{log[-2000:]}")
-    model = Path(ckpt.group(1)) / "export" / "embedding.pt2"
+    model = Path(ckpt.group(1)) / "export"
     ev = seqface("eval", "pairs", "--model", str(model), "--pairs", str(paths["pairs"]),
                  "--root", str(paths["lfw"]), "--no-progress")
     acc = re.search(r"fold accuracy: ([0-9.]+)", ev)

@@ -199,9 +199,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # committed checkpoints kept; older ones go after a commit
     max_failures: int = 3
-    resume_from: str = ""
+    resume_from: str = ""  # a checkpoint folder (local or s3://) of another run
+    # Take only the backbone's weights from resume_from (a new head and schedule: other
+    # data, or another classifier layout); otherwise the data must be the same.
+    resume_weights_only: bool = False
 
     def validate(self, p: str) -> None:
         _check(bool(self.run_name) and "/" not in self.run_name, f"{p}.run_name",
@@ -215,6 +218,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, f"{p}.checkpoint_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", "must be >= 1")
         _check(self.max_failures >= 0, f"{p}.max_failures", "must be >= 0")
+        _check(self.resume_from or not self.resume_weights_only, f"{p}.resume_weights_only",
+               "needs train.resume_from (the checkpoint whose weights to take)")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch import nn
 
 from seqface_dist.cli import main
 from seqface_dist.config import ModelConfig
-from seqface_dist.eval.embed import embed_images, load_model
+from seqface_dist.eval.embed import UntrustedModelError, embed_images, load_model
 from seqface_dist.eval.evaluate import evaluate_model, load_verification_set
 
 
@@ -85,12 +85,16 @@ def test_load_model_torchscript_and_safetensors(tmp_path: Path) -> None:
     np.testing.assert_allclose(embed_images(net2, imgs, progress=False), want, rtol=1e-5)
     x = torch.zeros(2, 3, 16, 16)
     torch.jit.trace(net, x).save(str(tmp_path / "m.pt"))
-    net3 = load_model(tmp_path / "m.pt")
+    with pytest.raises(UntrustedModelError, match="can run code"):
+        load_model(tmp_path / "m.pt")  # TorchScript: only when trusted
+    net3 = load_model(tmp_path / "m.pt", trust_code=True)
     np.testing.assert_allclose(embed_images(net3, imgs, input_size=(16, 16), progress=False),
                                want, rtol=1e-5)
     dyn = {"x": {0: torch.export.Dim.AUTO}}  # any batch size
     torch.export.save(torch.export.export(net, (x,), dynamic_shapes=dyn), str(tmp_path / "m.pt2"))
-    net4 = load_model(tmp_path / "m.pt2")
+    with pytest.raises(UntrustedModelError, match="torch.export file can run code"):
+        load_model(tmp_path / "m.pt2")
+    net4 = load_model(tmp_path / "m.pt2", trust_code=True)
     np.testing.assert_allclose(embed_images(net4, imgs, input_size=(16, 16), progress=False),
                                want, rtol=1e-5)
     with pytest.raises(ValueError, match="name the backbone"):
@@ -168,8 +172,8 @@ def test_cli_bin_pairs_and_malicious(tmp_path: Path, capsys) -> None:
     _bin_file(tmp_path / "colors.bin")
     torch.jit.script(ColorNet()).save(str(tmp_path / "m.pt"))
     rc = main(["eval", "bin", "--model", str(tmp_path / "m.pt"), "--bin",
-               str(tmp_path / "colors.bin"), "--flip", "--roc", str(tmp_path / "roc.png"),
-               "--no-progress"])
+               str(tmp_path / "colors.bin"), "--flip", "--trust-model", "--roc",
+               str(tmp_path / "roc.png"), "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "10-fold accuracy: 1.0000 ± 0.0000" in out and "TAR@FAR=0.001" in out
@@ -184,12 +188,47 @@ def test_cli_bin_pairs_and_malicious(tmp_path: Path, capsys) -> None:
             return (os.system, (f"touch {marker}",))
 
     (tmp_path / "evil.bin").write_bytes(pickle.dumps(([b"x", b"y"], [Evil()])))
-    rc = main(["eval", "bin", "--model", str(tmp_path / "m.pt"), "--bin",
+    rc = main(["eval", "bin", "--model", str(tmp_path / "m.pt"), "--trust-model", "--bin",
                str(tmp_path / "evil.bin"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "refusing to load global" in err and "system" in err
     assert not marker.exists()
 
-    rc = main(["eval", "pairs", "--model", str(tmp_path / "m.pt"), "--pairs",
+    rc = main(["eval", "pairs", "--model", str(tmp_path / "m.pt"), "--trust-model", "--pairs",
                str(tmp_path / "nope.txt"), "--root", str(tmp_path)])
     assert rc == 2 and "nope.txt" in capsys.readouterr().err
+
+
+def test_an_export_loads_without_unpickling_and_planted_payloads_never_run(tmp_path, capsys):
+    from seqface_dist.train.export import export_embedding
+
+    cfg = ModelConfig(backbone="tiny", embedding_dim=8, input_size=[16, 16], in_channels=3)
+    from seqface_dist.models import build_backbone
+
+    torch.manual_seed(3)
+    net = build_backbone(cfg).eval()
+    imgs = np.random.default_rng(3).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    want = embed_images(net, imgs, progress=False)
+    export = tmp_path / "export"
+    export_embedding(net, cfg, export)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    # The program replaced by a payload: the folder, and the .pt2 named directly, still
+    # load from model.json + backbone.safetensors; the payload is never opened.
+    torch.save({"program": Evil()}, export / "embedding.pt2")
+    for target in (export, export / "embedding.pt2", export / "backbone.safetensors"):
+        got = embed_images(load_model(target), imgs, progress=False)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    rc = main(["eval", "bin", "--model", str(export), "--bin", str(tmp_path / "none.bin")])
+    assert rc == 2 and "none.bin" in capsys.readouterr().err  # no --backbone needed
+    # The weights replaced by a payload: refused, nothing runs.
+    (export / "backbone.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(Exception, match="header"):
+        load_model(export)
+    assert not marker.exists()

@@ -107,7 +107,7 @@ def test_video_model_end_to_end(tmp_path: Path, capsys) -> None:
     assert res.accuracy == 1.0
 
     torch.jit.script(ColorNet()).save(str(tmp_path / "m.pt"))
-    rc = main(["eval", "video", "--model", str(tmp_path / "m.pt"), "--splits",
+    rc = main(["eval", "video", "--model", str(tmp_path / "m.pt"), "--trust-model", "--splits",
                str(tmp_path / "splits.txt"), "--root", str(tmp_path / "frames"),
                "--max-frames", "3", "--no-progress"])
     assert rc == 0 and "10-fold accuracy: 1.0000" in capsys.readouterr().out

@@ -34,6 +34,8 @@ For exact once-per-epoch reading of samples (no mixing) use :class:`SampleStream
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -74,15 +76,23 @@ def resolve_sets(specs: list[str], kind: str, endpoint_url: str = "") -> list[Sh
     return sets
 
 
+def label_digest(label_map: dict[str, int]) -> str:
+    """sha256 of a set's label map (class name -> index): which people the rows are."""
+    canon = json.dumps(sorted(label_map.items()), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
 def make_layout(id_sets: list[ShardSet], seq_sets: list[ShardSet]) -> LabelLayout:
     lay = LabelLayout()
     for s in id_sets:
         lay.identity_sets.append({"url": s.url, "offset": lay.num_identities,
-                                  "num_classes": s.num_classes, "num_samples": s.num_samples})
+                                  "num_classes": s.num_classes, "num_samples": s.num_samples,
+                                  "label_digest": label_digest(s.manifest.label_map)})
         lay.num_identities += s.num_classes
     for s in seq_sets:
         lay.sequence_sets.append({"url": s.url, "offset": lay.num_sequences,
-                                  "num_classes": s.num_classes, "num_samples": s.num_samples})
+                                  "num_classes": s.num_classes, "num_samples": s.num_samples,
+                                  "label_digest": label_digest(s.manifest.label_map)})
         lay.num_sequences += s.num_classes
     return lay
 

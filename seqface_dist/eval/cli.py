@@ -1,11 +1,14 @@
 """``seqface eval ...``: verification protocols on exported models and checkpoints.
 
-    seqface eval pairs --model model.pt --pairs lfw/pairs.txt --root lfw/images --flip
+    seqface eval pairs --model run/export --pairs lfw/pairs.txt --root lfw/images --flip
     seqface eval bin   --model w.safetensors --backbone sphere20 --bin lfw.bin --roc roc.png
-    seqface eval video --model model.pt --splits ytf/splits.txt --root ytf/frames
+    seqface eval video --model model.pt --trust-model --splits ytf/splits.txt --root ytf/frames
 
-``--model`` is a TorchScript file, or a ``.safetensors`` state dict whose backbone is
-named by ``--backbone`` (or by the model section of ``--config``).
+``--model`` is an export folder (``seqface train`` writes ``<checkpoint>/export``) or a
+file in it, or a ``.safetensors`` state dict whose backbone is named by ``--backbone`` (or
+by ``--config``'s model section, or a ``model.json`` beside it). None of these unpickles
+anything. A ``.pt2`` program or a TorchScript file can run code when loaded: only with
+``--trust-model``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="TorchScript file or .safetensors weights")
+    p.add_argument("--model", required=True,
+                   help="an export folder or file in it, .safetensors weights, or (with "
+                   "--trust-model) a .pt2 program / TorchScript file")
+    p.add_argument("--trust-model", action="store_true",
+                   help="allow .pt2 and TorchScript files, which can run code when loaded")
     p.add_argument("--config", default=None, help="config YAML whose model section describes "
                    "the backbone of a .safetensors file")
     p.add_argument("--backbone", default=None, help="backbone name (overrides --config)")
@@ -69,10 +76,12 @@ def _model(args: argparse.Namespace):  # -> (nn.Module, input_size or None)
     if args.input_size is not None:
         m.input_size = list(args.input_size)
     m.validate("model")
-    is_weights = str(args.model).endswith(".safetensors")
-    if is_weights and not (args.backbone or args.config):
-        raise SystemExit("seqface eval: a .safetensors model needs --backbone or --config")
-    net = load_model(args.model, m if is_weights else None, device=args.device)
+    named = bool(args.backbone or args.config)  # else model.json / the file says
+    try:
+        net = load_model(args.model, m if named else None, device=args.device,
+                         trust_code=args.trust_model)
+    except ValueError as e:
+        raise SystemExit(f"seqface eval: {e}") from None
     return net, args.input_size
 
 

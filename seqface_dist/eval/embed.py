@@ -30,58 +30,110 @@ if TYPE_CHECKING:
 ImageSource = str | Path | bytes
 
 
-def load_model(model: nn.Module | str | Path, model_cfg: ModelConfig | None = None,
-               device: str | torch.device = "cpu") -> nn.Module:
-    """A module, a file, or a safetensors state dict + ``model_cfg``'s backbone.
+EXPORT_WEIGHTS, EXPORT_META, EXPORT_PROGRAM = "backbone.safetensors", "model.json", \
+    "embedding.pt2"
 
-    Files: ``.safetensors`` (weights; needs ``model_cfg``), ``.pt2`` (``torch.export``),
-    anything else is read as TorchScript.
+
+class UntrustedModelError(ValueError):
+    """A model file in a format that can run code when loaded, without ``trust_code``."""
+
+
+def load_model(model: nn.Module | str | Path, model_cfg: ModelConfig | None = None,
+               device: str | torch.device = "cpu", *, trust_code: bool = False) -> nn.Module:
+    """A module, or a model file loaded without unpickling anything by default.
+
+    - an export folder (``seqface train`` writes ``export/``) or any file in it: the
+      backbone named by its ``model.json``, with ``backbone.safetensors``'s weights;
+    - ``.safetensors``: weights, for ``model_cfg``'s backbone, else the one named by a
+      ``model.json`` beside it or by the file's own metadata;
+    - ``.pt2`` (``torch.export``) or TorchScript (anything else): these formats can run
+      code when loaded, so only with ``trust_code=True`` (``seqface eval --trust-model``).
     """
     if isinstance(model, nn.Module):
         return model.to(device)
     path = Path(model)
+    if path.is_dir():
+        path = path / EXPORT_WEIGHTS
+    elif path.suffix != ".safetensors" and (path.parent / EXPORT_WEIGHTS).is_file() and \
+            (path.parent / EXPORT_META).is_file() and not trust_code:
+        path = path.parent / EXPORT_WEIGHTS  # an export: the same weights, no pickle
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found")
     if path.suffix == ".safetensors":
-        if model_cfg is None:
-            raise ValueError(f"{path}: a safetensors file holds only weights; name the "
-                             "backbone (model config / --backbone) to build the net")
-        from safetensors.torch import load_file
-
-        from seqface_dist.models import build_backbone  # lazy: the models pull in torch nets
-
-        net = build_backbone(model_cfg)
-        state = load_file(str(path))
-        # Checkpoints of wrapped modules carry a prefix; strip the common ones.
-        for prefix in ("module.", "backbone.", "_orig_mod."):
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not fit backbone "
-                             f"{model_cfg.backbone!r}: {e}") from e
-        return net.to(device)
+        return _load_weights(path, model_cfg).to(device)
+    if not trust_code:
+        raise UntrustedModelError(
+            f"{path}: a {'torch.export' if path.suffix == '.pt2' else 'TorchScript'} file can "
+            "run code when loaded; give the export's backbone.safetensors (or its folder), or "
+            "pass --trust-model (trust_code=True) if you trust where this file came from")
     if path.suffix == ".pt2":
         try:
             net = _Exported(torch.export.load(str(path)).module().to(device))
         except Exception as e:
             raise ValueError(f"{path}: not a torch.export program: {e}") from e
-        # `seqface train` writes the model config beside the program (train/export.py).
-        meta = path.with_name("model.json")
+        meta = path.with_name(EXPORT_META)
         if meta.is_file():
-            cfg = json.loads(meta.read_text())
-            norm = cfg.get("input_normalization", INPUT_NORMALIZATION)
-            if norm != INPUT_NORMALIZATION:
-                raise ValueError(f"{meta}: input_normalization {norm} is not this version's "
-                                 f"{INPUT_NORMALIZATION}")
-            net.input_size = tuple(cfg["input_size"])
-            net.in_channels = int(cfg["in_channels"])
+            _set_geometry(net, _read_meta(meta))
         return net
     try:
         return torch.jit.load(str(path), map_location=device)
     except Exception as e:
         raise ValueError(f"{path}: not a TorchScript file (nor .pt2 / .safetensors): {e}") from e
+
+
+def _read_meta(meta: Path) -> dict:
+    """model.json, refused when its input normalisation is not this version's."""
+    try:
+        cfg = json.loads(meta.read_text())
+    except ValueError as e:
+        raise ValueError(f"{meta}: not JSON: {e}") from None
+    norm = cfg.get("input_normalization", INPUT_NORMALIZATION)
+    if norm != INPUT_NORMALIZATION:
+        raise ValueError(f"{meta}: input_normalization {norm} is not this version's "
+                         f"{INPUT_NORMALIZATION}")
+    return cfg
+
+
+def _set_geometry(net: nn.Module, meta: dict) -> None:
+    net.input_size = tuple(meta["input_size"])
+    net.in_channels = int(meta["in_channels"])
+
+
+def _load_weights(path: Path, model_cfg: ModelConfig | None) -> nn.Module:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from seqface_dist.config import ModelConfig
+    from seqface_dist.models import build_backbone  # lazy: the models pull in torch nets
+
+    if (path.parent / EXPORT_META).is_file():
+        meta = _read_meta(path.parent / EXPORT_META)
+    else:
+        with safe_open(str(path), framework="pt") as sf:
+            raw = (sf.metadata() or {}).get("model")
+        meta = json.loads(raw) if raw else None
+    if model_cfg is None:
+        if meta is None:
+            raise ValueError(f"{path}: a safetensors file holds only weights and no "
+                             f"{EXPORT_META} is beside it; name the backbone (model config / "
+                             "--backbone) to build the net")
+        model_cfg = ModelConfig(**{k: meta[k] for k in ("backbone", "embedding_dim",
+                                                         "input_size", "in_channels")})
+        model_cfg.validate(str(path.parent / EXPORT_META))
+    net = build_backbone(model_cfg)
+    state = load_file(str(path))
+    # Checkpoints of wrapped modules carry a prefix; strip the common ones.
+    for prefix in ("module.", "backbone.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit backbone "
+                         f"{model_cfg.backbone!r}: {e}") from e
+    _set_geometry(net, {"input_size": model_cfg.input_size,
+                        "in_channels": model_cfg.in_channels})
+    return net
 
 
 class _Exported(nn.Module):

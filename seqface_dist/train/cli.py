@@ -1,7 +1,8 @@
 """``seqface train``, ``seqface demo`` and ``seqface smoke``.
 
     seqface smoke [--config F] [--steps N] [section.key=value ...]
-    seqface train --config F [--resume-from URI] [--address ADDR] [section.key=value ...]
+    seqface train --config F [--resume-from URI [--resume-weights-only]] [--address ADDR]
+                  [section.key=value ...]
     seqface demo [--out demo-out] [--steps 1200] [--workers 2] [--compare]
 """
 
@@ -19,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume-from", default=None, metavar="URI",
                    help="a checkpoint folder (local or s3://) of another run to continue; "
                    "may have been written by a different number of workers")
+    p.add_argument("--resume-weights-only", action="store_true",
+                   help="take only the backbone's weights from --resume-from: a new head "
+                   "and schedule, e.g. to train on other identities")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -50,6 +54,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume_from:
         overrides.append(f"train.resume_from={args.resume_from}")
+    if args.resume_weights_only:
+        overrides.append("train.resume_weights_only=true")
     cfg = load_config(args.config, overrides)
     try:
         result = run(cfg, ray_address=args.address)

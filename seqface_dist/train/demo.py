@@ -89,7 +89,7 @@ def _train_and_evaluate(cfg: Config, paths: dict, workers: int) -> tuple[dict, d
 
     result = run(cfg, num_cpus=max(2, workers))
     ckpt = Path(result.checkpoint.path)
-    export = ckpt / "export" / "embedding.pt2"
+    export = ckpt / "export"  # read from backbone.safetensors + model.json: no pickle
     vset = load_verification_set(paths["pairs"])
     res = evaluate_model(load_model(export), vset, flip=False, progress=False)
     return result.metrics, {"accuracy": res.accuracy, "accuracy_std": res.accuracy_std,

@@ -111,29 +111,38 @@ def preflight(cfg: Config) -> Preflight:
         raise PreflightError(f"eval.pairs: {cfg.eval.pairs} does not exist (rank 0 evaluates "
                              "it during training; '' = no evaluation)")
     if cfg.train.resume_from:
-        _check_resume(cfg, layout.num_identities, layout.num_sequences)
+        _check_resume(cfg, layout.to_dict())
     storage = _check_storage(cfg.train.storage_path, d.s3_endpoint_url)
     return Preflight(layout.num_identities, layout.num_sequences, storage)
 
 
-def _check_resume(cfg: Config, n_id: int, n_seq: int) -> None:
-    from seqface_dist.train.checkpoint import CheckpointError, check_complete
+def _check_resume(cfg: Config, layout: dict) -> None:
+    """train.resume_from is a committed checkpoint (every listed file there at its size;
+    local or s3://) of the same data and classifier layout, unless only weights are taken."""
+    from seqface_dist.train import commit
+    from seqface_dist.train.checkpoint import CheckpointError, describe_data_change
 
     uri = cfg.train.resume_from
-    if uri.startswith("s3://"):
-        return  # read by the workers through Ray; checked when loaded
     try:
-        state = check_complete(uri)
-    except (CheckpointError, ValueError) as e:
+        fs, path = commit.filesystem(uri)
+        state = commit.read_committed(fs, path)
+    except (CheckpointError, OSError, ValueError) as e:
         raise PreflightError(f"train.resume_from: {e}") from None
+    if cfg.train.resume_weights_only:
+        return  # a new head: only the backbone must fit (checked when it loads)
+    change = describe_data_change(state.head.get("layout", {}), layout)
+    if change:
+        raise PreflightError(f"train.resume_from {uri}: trained on other data: {change}; "
+                             "pass --resume-weights-only (train.resume_weights_only) to take "
+                             "its backbone with a new head")
     spec = state.head.get("spec", {})
-    for key, have in (("num_identities", n_id), ("num_sequences", n_seq),
+    for key, have in (("num_identities", layout["num_identities"]),
+                      ("num_sequences", layout["num_sequences"]),
                       ("dim", cfg.model.embedding_dim)):
         if spec.get(key) != have:
             raise PreflightError(f"train.resume_from {uri}: the checkpoint's head has "
                                  f"{key}={spec.get(key)}, this run has {key}={have}")
-    # A checkpoint from before sequence modes existed was trained with lsr.
-    saved = (state.config or {}).get("loss", {}).get("sequence_mode", "lsr")
+    saved = (state.config or {}).get("loss", {}).get("sequence_mode")
     mode = cfg.loss.sequence_mode
     if (saved in CLASS_ROW_MODES) != (mode in CLASS_ROW_MODES):
         rows = "has" if saved in CLASS_ROW_MODES else "has no"
@@ -224,7 +233,9 @@ def _fit(cfg: Config, pre: Preflight):
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
             run_config=RunConfig(
                 name=t.run_name, storage_path=pre.storage_path,
-                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                # Ray keeps every checkpoint it registers: ours commit after the upload,
+                # and the worker prunes only once a newer one is committed.
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=t.max_failures)),
         )
         return trainer.fit()

@@ -5,9 +5,10 @@
     export/model.json             the model config (backbone, input size, channels, dim) and
                                   the input normalisation, (x - 127.5) / 128
 
-Load with ``seqface_dist.eval.embed.load_model("export/embedding.pt2")`` or
-``torch.export.load(...).module()``; or build the backbone from model.json and load the
-safetensors weights.
+Load with ``seqface_dist.eval.embed.load_model("export")``: it builds the backbone named
+in model.json and loads the safetensors weights, unpickling nothing. The ``.pt2`` program
+serves runtimes without this package (``torch.export.load(...).module()``); torch's loader
+may unpickle parts of it, so load it only from a source you trust (``--trust-model``).
 """
 
 from __future__ import annotations

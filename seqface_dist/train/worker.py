@@ -19,7 +19,8 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ from seqface_dist.train.step import (
     build_head,
     resolve_sequence_weight,
 )
+
+# Seconds every rank waits between its upload and the commit; only for fault injection.
+FAULT_PAUSE_BEFORE_COMMIT = "SEQFACE_FAULT_PAUSE_BEFORE_COMMIT_S"
 
 
 def _deepspeed(cfg: Config):
@@ -53,6 +57,9 @@ def ds_config(cfg: Config, micro_batch: int) -> dict:
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "gradient_clipping": 0.0,  # clipping covers backbone *and* head: done here
+        # ZeRO 1/2 accept only DeepSpeed's own optimizers unless told: ours is torch's SGD
+        # with momentum (the reference solver), which ZeRO partitions like any other.
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -86,14 +93,38 @@ class _Worker:
     loader: TrainLoader
     trainer: Trainer
     state: RunState
+    attempt: str  # this worker group's token in its checkpoints' folder names
+
+
+def deepspeed_trainer(cfg: Config, micro_batch: int, num_identities: int,
+                      num_sequences: int, *, world: int, device: torch.device,
+                      sequence_weight: float) -> tuple[Trainer, dict]:
+    """The backbone under DeepSpeed (checkpoints read weights-only) and the head beside it,
+    on the process group that exists; returns the Trainer and the head's spec."""
+    from seqface_dist.models import build_backbone
+    from seqface_dist.parallel import Comm
+    from seqface_dist.train import safe_load
+
+    deepspeed = _deepspeed(cfg)
+    torch.manual_seed(cfg.train.seed)  # same backbone init everywhere (DeepSpeed broadcasts)
+    backbone = build_backbone(cfg.model)
+    bb_opt = backbone_optimizer(backbone, cfg.optim)
+    engine, bb_opt, _, _ = deepspeed.initialize(
+        model=backbone, optimizer=bb_opt, config=ds_config(cfg, micro_batch))
+    safe_load.install(engine)  # its checkpoint files are read without unpickling code
+    comm = Comm()
+    # DeepSpeed averages backbone gradients over R ranks; the head's loss is already the
+    # global batch's, so the features' gather scales their gradient by R.
+    head, head_opt, spec = build_head(cfg, num_identities, num_sequences, comm, device,
+                                      feature_grad_scale=world,
+                                      sequence_weight=sequence_weight)
+    return Trainer(cfg, engine, head, head_opt, bb_opt, comm, device), asdict(spec)
 
 
 def _build(cfg: Config) -> _Worker:
     """Process group, shard loader, DeepSpeed backbone and the head beside it."""
     import ray.train
-
-    from seqface_dist.models import build_backbone
-    from seqface_dist.parallel import Comm
+    import torch.distributed as dist
 
     deepspeed = _deepspeed(cfg)
     ctx = ray.train.get_context()
@@ -101,58 +132,74 @@ def _build(cfg: Config) -> _Worker:
     torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if cfg.train.use_gpu else "cpu")
-    torch.manual_seed(cfg.train.seed)  # same backbone init everywhere (DeepSpeed broadcasts)
 
     loader = make_train_loader(cfg.data, rank=rank, world_size=world,
                                image_size=tuple(cfg.model.input_size),
                                channels=cfg.model.in_channels, seed=cfg.train.seed)
-    backbone = build_backbone(cfg.model)
-    bb_opt = backbone_optimizer(backbone, cfg.optim)
-    engine, bb_opt, _, _ = deepspeed.initialize(
-        model=backbone, optimizer=bb_opt, config=ds_config(cfg, loader.batch_size))
-    comm = Comm()
     layout = loader.layout
-    # DeepSpeed averages backbone gradients over R ranks; the head's loss is already the
-    # global batch's, so the features' gather scales their gradient by R.
     images = {kind: sum(s["num_samples"] for s in sets) for kind, sets in
               (("id", layout.identity_sets), ("seq", layout.sequence_sets))}
     seq_weight = resolve_sequence_weight(cfg, images["id"], images["seq"])
-    head, head_opt, spec = build_head(cfg, layout.num_identities, layout.num_sequences, comm,
-                                      device, feature_grad_scale=world,
+    trainer, spec = deepspeed_trainer(cfg, loader.batch_size, layout.num_identities,
+                                      layout.num_sequences, world=world, device=device,
                                       sequence_weight=seq_weight)
     if rank == 0 and cfg.data.sequences_per_batch:
         print(f"[seqface] sequences: loss.sequence_mode {cfg.loss.sequence_mode}, "
               f"sequence weight {seq_weight:.3g} ({images['seq']:,} sequence and "
               f"{images['id']:,} identity images)", flush=True)
     state = RunState(world_size=world, zero_stage=cfg.train.zero_stage, seed=cfg.train.seed,
-                     head={"spec": asdict(spec), "layout": layout.to_dict()},
-                     config=cfg.to_dict())
-    trainer = Trainer(cfg, engine, head, head_opt, bb_opt, comm, device)
-    return _Worker(cfg, rank, world, loader, trainer, state)
+                     head={"spec": spec, "layout": layout.to_dict()}, config=cfg.to_dict())
+    attempt = [uuid.uuid4().hex[:8]]
+    dist.broadcast_object_list(attempt, src=0)
+    return _Worker(cfg, rank, world, loader, trainer, state, attempt[0])
 
 
 def _resume(w: _Worker) -> None:
-    """Continue from Ray's latest checkpoint (after a failure) or train.resume_from."""
+    """Continue from this run's newest committed checkpoint (after a failure, or a rerun
+    under the same name), else from train.resume_from; rank 0 chooses for everyone."""
     import ray.train
+    import torch.distributed as dist
 
+    from seqface_dist.train import commit
     from seqface_dist.train.checkpoint import load_checkpoint
 
-    resume = ray.train.get_checkpoint()
-    if resume is None and w.cfg.train.resume_from:
-        resume = ray.train.Checkpoint(w.cfg.train.resume_from)
-    if resume is None:
+    storage = ray.train.get_context().get_storage()
+    choice: list = [None]
+    if w.rank == 0:
+        found, skipped = commit.find_resumable(storage.storage_filesystem,
+                                               storage.experiment_fs_path)
+        for why in skipped:
+            print(f"[seqface] skipping an incomplete checkpoint: {why}", flush=True)
+        if found is not None:
+            choice[0] = ("run", found.path)
+        elif w.cfg.train.resume_from:
+            choice[0] = ("resume_from", w.cfg.train.resume_from)
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
         return
-    with resume.as_directory() as d:
-        t = w.trainer
+    origin, where = choice[0]
+    ckpt = (ray.train.Checkpoint(where, filesystem=storage.storage_filesystem)
+            if origin == "run" else ray.train.Checkpoint(where))
+    # Weights only: asked for, and only for the other run's checkpoint (this run's own
+    # checkpoints continue it whole).
+    weights_only = origin == "resume_from" and w.cfg.train.resume_weights_only
+    t = w.trainer
+    with ckpt.as_directory() as d:
         old = load_checkpoint(d, engine=t.engine, head=t.head, head_optimizer=t.head_opt,
-                              rank=w.rank, world_size=w.world)
+                              rank=w.rank, world_size=w.world, weights_only=weights_only,
+                              data_layout=w.state.head["layout"])
+    if weights_only:
+        if w.rank == 0:
+            print(f"[seqface] backbone weights from {where} (step {old.step}); a new head and "
+                  "schedule start at step 0", flush=True)
+        return
     # A partly read epoch is not replayed: its batches are drawn afresh.
     w.state.step, w.state.epoch, w.state.samples_seen = old.step, old.epoch + 1, \
         old.samples_seen
     if w.rank == 0:
         _append_history(w.cfg, {"event": "resumed", "step": w.state.step,
-                                "checkpoint": str(resume.path)})
-        print(f"[seqface] resumed at step {w.state.step} from {resume.path}", flush=True)
+                                "checkpoint": where})
+        print(f"[seqface] resumed at step {w.state.step} from {where}", flush=True)
 
 
 def _start_metrics(w: _Worker):
@@ -246,7 +293,7 @@ def train_func(config: dict) -> None:
             # controller's next poll (~2 s), too slow for every logged step.
             if state.step % cfg.train.checkpoint_every == 0 or last:
                 _checkpoint(report or {"step": state.step, **losses}, trainer, state, w.rank,
-                            dist, cfg if last else None)
+                            dist, w.attempt, cfg if last else None)
     finally:
         metrics.stop()
 
@@ -272,24 +319,52 @@ def _evaluate(model, vset, cfg: Config, step: int, metrics) -> dict:
 
 
 def _checkpoint(report: dict, trainer: Trainer, state: RunState, rank: int, dist,
-                export_cfg: Config | None = None) -> None:
-    """Collective: every rank writes its files and calls ray.train.report with them.
+                attempt: str, export_cfg: Config | None = None) -> None:
+    """Collective: every rank writes and uploads its files; then rank 0 commits.
 
     ``export_cfg`` (the last step): rank 0 also writes the standalone export into it.
+    The commit (``state.json`` listing every rank's files) is written only after every
+    rank's ``ray.train.report`` (its upload) returned, so a folder that looks complete is.
     """
     import ray.train
 
-    from seqface_dist.train.checkpoint import save_checkpoint
+    from seqface_dist.train import commit
+    from seqface_dist.train.checkpoint import write_rank_files
 
+    name = commit.checkpoint_dir_name(state.step, attempt)
+    listings: list = [None] * dist.get_world_size()
     with tempfile.TemporaryDirectory(prefix="seqface-ckpt-") as d:
         if export_cfg is not None and rank == 0:
             from seqface_dist.train.export import export_embedding
 
             export_embedding(trainer.module, export_cfg.model, os.path.join(d, "export"))
-        save_checkpoint(d, engine=trainer.engine, head=trainer.head,
-                        head_optimizer=trainer.head_opt, state=state, rank=rank,
-                        barrier=dist.barrier)
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        files = write_rank_files(d, engine=trainer.engine, head=trainer.head,
+                                 head_optimizer=trainer.head_opt, rank=rank)
+        dist.all_gather_object(listings, files)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=name)
+    pause = float(os.environ.get(FAULT_PAUSE_BEFORE_COMMIT, "0") or 0)
+    if pause > 0:  # fault injection (tests/docs): a window to kill a rank mid-checkpoint
+        time.sleep(pause)
+    dist.barrier()  # every rank's upload returned
+    if rank == 0:
+        storage = ray.train.get_context().get_storage()
+        fs, run_path = storage.storage_filesystem, storage.experiment_fs_path
+        commit.commit(fs, f"{run_path}/{name}",
+                      replace(state, files=_merge_listings(listings)))
+        commit.prune(fs, run_path, state.step, trainer.cfg.train.keep_checkpoints)
+
+
+def _merge_listings(listings: list[dict]) -> dict:
+    """Every rank's files in one listing; two ranks may never write one path."""
+    merged: dict = {}
+    for rank, files in enumerate(listings):
+        for rel, info in files.items():
+            if rel in merged and merged[rel] != info:
+                raise RuntimeError(f"checkpoint file {rel} written differently by two ranks "
+                                   f"(rank {rank} and an earlier one)")
+            merged[rel] = info
+    return merged
 
 
 def history_path(cfg: Config) -> Path | None:
