@@ -52,28 +52,61 @@ def test_preflight_refuses_bad_runs_before_any_worker(shards, tmp_path):
     assert not ray.is_initialized()  # nothing was started (runs before the Ray tests)
 
 
+def _committed_checkpoint(folder: Path, cfg, layout: dict) -> Path:
+    """A checkpoint as the workers commit it: head block, engine file, state.json listing
+    both (what the preflight reads: the commit, the files' sizes, the head and data)."""
+    from seqface_dist.parallel import HeadSpec, PartitionedHead, save_head
+    from seqface_dist.train.checkpoint import ENGINE_DIR, ENGINE_TAG, RunState, list_files
+
+    spec = HeadSpec(layout["num_identities"], layout["num_sequences"], cfg.model.embedding_dim)
+    save_head(PartitionedHead(spec, cfg.loss), None, folder)
+    (folder / ENGINE_DIR / ENGINE_TAG).mkdir(parents=True)
+    (folder / ENGINE_DIR / ENGINE_TAG / "mp_rank_00_model_states.pt").write_bytes(b"x" * 64)
+    state = RunState(world_size=1, config=cfg.to_dict(), files=list_files(folder),
+                     head={"spec": dataclasses.asdict(spec), "layout": layout})
+    (folder / "state.json").write_bytes(state.to_json())
+    return folder
+
+
+def _layout(cfg) -> dict:
+    from seqface_dist.data.loader import make_layout, resolve_sets
+
+    return make_layout(resolve_sets(cfg.data.identity_shards, "identity"),
+                       resolve_sets(cfg.data.sequence_shards, "sequence")).to_dict()
+
+
 def test_preflight_refuses_a_resume_across_classifier_layouts(shards, tmp_path):
     # A checkpoint's state.json records the mode it trained with; an lsr head has no
     # sequence rows, so a sequence_classes run cannot continue it (and vice versa).
-    from seqface_dist.parallel import HeadSpec, PartitionedHead, save_head
-    from seqface_dist.train.checkpoint import ENGINE_DIR, ENGINE_TAG, RunState
-
-    ckpt = tmp_path / "ckpt"
     cfg = config_from_dict(train_cfg(shards, tmp_path, "x", loss__sequence_mode="lsr"))
-    lay = preflight(cfg)
-    spec = HeadSpec(lay.num_identities, lay.num_sequences, cfg.model.embedding_dim)
-    save_head(PartitionedHead(spec, cfg.loss), None, ckpt)
-    (ckpt / ENGINE_DIR / ENGINE_TAG).mkdir(parents=True)  # what check_complete looks for
-    state = RunState(world_size=1, zero_stage=0, seed=0, config=cfg.to_dict(),
-                     head={"spec": {"num_identities": spec.num_identities,
-                                    "num_sequences": spec.num_sequences, "dim": spec.dim}})
-    (ckpt / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
+    ckpt = _committed_checkpoint(tmp_path / "ckpt", cfg, _layout(cfg))
     again = train_cfg(shards, tmp_path, "y", loss__sequence_mode="lsr",
                       train__resume_from=str(ckpt))
     preflight(config_from_dict(again))  # the same mode resumes
     other = dict(again, loss={**again["loss"], "sequence_mode": "sequence_classes"})
     with pytest.raises(PreflightError, match="set loss.sequence_mode=lsr"):
         preflight(config_from_dict(other))
+
+
+def test_preflight_refuses_a_resume_onto_other_data_unless_weights_only(shards, tmp_path):
+    cfg = config_from_dict(train_cfg(shards, tmp_path, "x"))
+    layout = _layout(cfg)
+    # Same class counts, other people: only the label maps' digests tell.
+    layout["identity_sets"][0]["label_digest"] = "0" * 64
+    ckpt = _committed_checkpoint(tmp_path / "ckpt", cfg, layout)
+    again = train_cfg(shards, tmp_path, "y", train__resume_from=str(ckpt))
+    with pytest.raises(PreflightError, match=r"other data: identity_sets\[0\].*label_digest"):
+        preflight(config_from_dict(again))
+    again["train"]["resume_weights_only"] = True
+    preflight(config_from_dict(again))
+    # A cut file or a missing commit is refused before any worker starts.
+    engine = next((ckpt / "engine").rglob("*.pt"))
+    engine.write_bytes(b"x" * 10)
+    with pytest.raises(PreflightError, match="mp_rank_00_model_states.pt has 10 bytes"):
+        preflight(config_from_dict(again))
+    (ckpt / "state.json").unlink()
+    with pytest.raises(PreflightError, match="no state.json"):
+        preflight(config_from_dict(again))
 
 
 @pytest.fixture(scope="module")
