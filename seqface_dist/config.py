@@ -150,6 +150,23 @@ class DataConfig:
     flip: bool = True
     random_crop: int = 0  # pixels of random-crop padding; 0 = off
     s3_endpoint_url: str = ""  # "" = AWS_ENDPOINT_URL or the standard AWS endpoint
+    # botocore timeouts: to connect, and for each wait for more response bytes. Every
+    # request is retried (botocore 5 attempts, then the reader's own 8), so a silent
+    # server costs up to ~40 x the read timeout per shard unless shard_deadline_s is set.
+    s3_connect_timeout_s: float = 10.0
+    s3_read_timeout_s: float = 30.0
+    # Give up a shard whose reading (open to end) takes longer; counted shard_deadline.
+    # Checked between socket reads (so overshot by one read timeout at most). 0 = none.
+    shard_deadline_s: float = 0.0
+    # A failed shard (S3 error after retries, bad tar header, deadline, checksum) is
+    # skipped and counted by reason; a reader's pass fails once more than this fraction
+    # of the shards it tried failed *and* more than failed_shard_allowance did.
+    max_failed_shard_fraction: float = 0.1
+    failed_shard_allowance: int = 2  # failed shards a pass always tolerates
+    # Hash each shard while reading and compare with the manifest's sha256 at its end;
+    # a mismatch fails the shard (checksum_mismatch), but its samples were already
+    # yielded and cannot be recalled: this detects tampering, it does not filter it.
+    verify_checksums: bool = False
 
     def validate(self, p: str) -> None:
         _check(self.identities_per_batch >= 0, f"{p}.identities_per_batch", "must be >= 0")
@@ -160,6 +177,15 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", "must be >= 0")
         _check(self.samples_per_epoch >= 0, f"{p}.samples_per_epoch", "must be >= 0")
         _check(self.random_crop >= 0, f"{p}.random_crop", "must be >= 0")
+        for key in ("s3_connect_timeout_s", "s3_read_timeout_s"):
+            v = getattr(self, key)
+            _check(math.isfinite(v) and v > 0, f"{p}.{key}", f"must be finite and > 0 (got {v})")
+        _check(math.isfinite(self.shard_deadline_s) and self.shard_deadline_s >= 0,
+               f"{p}.shard_deadline_s", f"must be finite and >= 0 (got {self.shard_deadline_s})")
+        _check(0.0 <= self.max_failed_shard_fraction <= 1.0, f"{p}.max_failed_shard_fraction",
+               f"must be in [0, 1] (got {self.max_failed_shard_fraction})")
+        _check(self.failed_shard_allowance >= 0, f"{p}.failed_shard_allowance",
+               f"must be >= 0 (got {self.failed_shard_allowance})")
 
 
 @dataclass

@@ -43,6 +43,8 @@ from seqface_dist.data.manifest import (
     Manifest,
     ManifestError,
     ShardEntry,
+    ShardNameError,
+    check_shard_name,
     load_manifest,
 )
 from seqface_dist.data.sources import (
@@ -193,19 +195,29 @@ def _plan(items: list[Item], label_map: dict[str, int],
 
 
 def _previous_entries(out_url: str, endpoint_url: str) -> dict[str, ShardEntry]:
-    """Shards a previous (possibly interrupted) build finished, by name."""
+    """Shards a previous (possibly interrupted) build finished, by name. A listed name
+    that is not one this builder writes is refused (BuildError): the build deletes the
+    shards it no longer lists, and must never reach outside ``out_url``."""
     found: dict[str, ShardEntry] = {}
+    man_url = store.join(out_url, MANIFEST_NAME)
     try:
-        for s in load_manifest(store.join(out_url, MANIFEST_NAME), endpoint_url).shards:
-            found[s.name] = s
+        for s in load_manifest(man_url, endpoint_url).shards:
+            found[check_shard_name(s.name, man_url, built=True)] = s
+    except ShardNameError as e:
+        raise BuildError(str(e)) from None
     except ManifestError:
         pass
+    part_url = store.join(out_url, PARTIAL_NAME)
     try:
-        partial = json.loads(store.read_bytes(store.join(out_url, PARTIAL_NAME), endpoint_url))
-        for s in partial.get("shards", []):
-            found[s["name"]] = ShardEntry(**s)
+        partial = json.loads(store.read_bytes(part_url, endpoint_url))
+        listed = [ShardEntry(**s) for s in partial.get("shards", [])]
     except Exception:  # noqa: BLE001 - no partial state, or an unreadable one: start over
-        pass
+        return found
+    try:
+        for s in listed:
+            found[check_shard_name(s.name, part_url, built=True)] = s
+    except ShardNameError as e:
+        raise BuildError(str(e)) from None
     return found
 
 
@@ -224,14 +236,75 @@ def build_shards(items: list[Item], problems: list[Problem], out_url: str, kind:
     """Write the shard set for already-listed items (the builders below call this)."""
     if kind not in KINDS:
         raise BuildError(f"kind must be identity or sequence, not {kind!r}")
-    if not items:
-        raise BuildError(f"{source_info.get('root', out_url)}: no usable images "
-                         f"({len(problems)} inputs skipped)")
-    names = sorted({it.label for it in items}, key=label_sort_key(source_type))
-    label_map = {n: i for i, n in enumerate(names)}
+    previous = _previous_entries(out_url, opts.endpoint_url)
+    problems = list(problems)
+    listed = set(previous)  # every shard name this build may have to clean up
+    while True:
+        if not items:
+            raise BuildError(f"{source_info.get('root', out_url)}: no usable images "
+                             f"({len(problems)} inputs skipped)")
+        names = sorted({it.label for it in items}, key=label_sort_key(source_type))
+        label_map = {n: i for i, n in enumerate(names)}
+        report = _write_pass(items, label_map, problems, out_url, kind, opts, previous,
+                             source_info)
+        listed |= {e.name for e in report.manifest.shards}
+        empty = _labels_without_samples(items, report.manifest)
+        if not empty:
+            break
+        # Every image of these failed to decode: a label with no samples would be a class
+        # the model can never see. Drop them and write again, so the indices stay
+        # contiguous (shards whose contents do not change are reused).
+        problems += _dropped_problems(items, report.manifest, empty, kind)
+        items = [it for it in items if it.label not in empty]
+        previous = {**previous, **{e.name: e for e in report.manifest.shards}}
+    _finish(report, out_url, opts, listed)
+    return report
+
+
+def _dropped_problems(items: list[Item], manifest: Manifest, empty: set[str],
+                      kind: str) -> list[Problem]:
+    """The failed images of the dropped labels (their shards no longer list them), and
+    one line per dropped label."""
+    label_of = {it.source: it.label for it in items}
+    out = [Problem(src, reason) for e in manifest.shards for src, reason in e.skipped
+           if label_of.get(src) in empty]
+    word = "identity" if kind == "identity" else "sequence"
+    for label in sorted(empty):
+        n = sum(it.label == label for it in items)
+        out.append(Problem(label, f"{word} dropped from the label map: all {n} of its "
+                                  f"images failed"))
+    return out
+
+
+def _finish(report: BuildReport, out_url: str, opts: BuildOptions, listed: set[str]) -> None:
+    """Write the manifest and the report, then remove what the set no longer lists."""
+    manifest = report.manifest
+    for e in manifest.shards:
+        report.problems += [Problem(src, reason) for src, reason in e.skipped]
+    _write_if_changed(store.join(out_url, MANIFEST_NAME), manifest.to_json(), opts.endpoint_url)
+    body = json.dumps({"skipped": [p.to_list() for p in report.problems]}, indent=1).encode()
+    _write_if_changed(store.join(out_url, REPORT_NAME), body, opts.endpoint_url)
+    if store.size(store.join(out_url, PARTIAL_NAME), opts.endpoint_url) is not None:
+        store.delete(store.join(out_url, PARTIAL_NAME), opts.endpoint_url)
+    # Shards of an older, larger build (or of a pass with more labels) are no longer
+    # listed: remove them. Every name was checked to be one this builder writes.
+    prefix = shard_prefix(manifest.kind) + "-"
+    for name in sorted(listed - {e.name for e in manifest.shards}):
+        if name.startswith(prefix) and check_shard_name(name, out_url, built=True):
+            store.delete(store.join(out_url, name), opts.endpoint_url)
+
+
+def _labels_without_samples(items: list[Item], manifest: Manifest) -> set[str]:
+    failed = {src for e in manifest.shards for src, _ in e.skipped}
+    return {it.label for it in items} - {it.label for it in items if it.source not in failed}
+
+
+def _write_pass(items: list[Item], label_map: dict[str, int], problems: list[Problem],
+                out_url: str, kind: str, opts: BuildOptions, previous: dict[str, ShardEntry],
+                source_info: dict) -> BuildReport:
+    """Write (or reuse) the shards of one labelling; the report holds the manifest."""
     plan = _plan(items, label_map, opts)
     prefix = shard_prefix(kind)
-    previous = _previous_entries(out_url, opts.endpoint_url)
     entries: dict[str, ShardEntry] = {}
     report = BuildReport(out_url, None, problems=list(problems))  # type: ignore[arg-type]
     jobs = []
@@ -250,22 +323,9 @@ def build_shards(items: list[Item], problems: list[Problem], out_url: str, kind:
                      "endpoint_url": opts.endpoint_url, "part_size": opts.part_size,
                      "fingerprint": fp})
     _run_jobs(jobs, entries, report, out_url, opts)
-
-    manifest = Manifest(kind, len(label_map), list(opts.image_size), opts.channels,
-                        [entries[n] for n in sorted(entries)], label_map,
-                        dict(source_info), opts.seed)
-    report.manifest = manifest
-    for e in manifest.shards:
-        report.problems += [Problem(src, reason) for src, reason in e.skipped]
-    _write_if_changed(store.join(out_url, MANIFEST_NAME), manifest.to_json(), opts.endpoint_url)
-    body = json.dumps({"skipped": [p.to_list() for p in report.problems]}, indent=1).encode()
-    _write_if_changed(store.join(out_url, REPORT_NAME), body, opts.endpoint_url)
-    if store.size(store.join(out_url, PARTIAL_NAME), opts.endpoint_url) is not None:
-        store.delete(store.join(out_url, PARTIAL_NAME), opts.endpoint_url)
-    # Shards of an older, larger build of this set are no longer listed: remove them.
-    for name in sorted(set(previous) - set(entries)):
-        if name.startswith(prefix + "-"):
-            store.delete(store.join(out_url, name), opts.endpoint_url)
+    report.manifest = Manifest(kind, len(label_map), list(opts.image_size), opts.channels,
+                               [entries[n] for n in sorted(entries)], label_map,
+                               dict(source_info), opts.seed)
     return report
 
 

@@ -10,7 +10,8 @@
             x = normalize(images.to(device))  # uint8 B x H x W x C -> float B x C x H x W
             ...                          # centers: int64 B; identity y, or N_id + sequence q
     loader.counters()                    # {"samples", "shards", "bytes", "s3_reopens",
-                                         #  "bad": {reason: n}} summed over workers
+                                         #  "failed_shards", "bad": {reason: n}} summed
+                                         #  over workers
 
 Each batch holds ``identities_per_batch`` identity samples then ``sequences_per_batch``
 sequence samples (DESIGN.md §2.3), decoded, flipped/cropped at random, as uint8: the
@@ -51,7 +52,14 @@ from seqface_dist.data.batchworkers import BatchWorkers
 from seqface_dist.data.counters import ROW_WIDTH, DataCounters
 from seqface_dist.data.manifest import ShardSet, resolve_shard_set
 from seqface_dist.data.normalize import normalize
-from seqface_dist.data.stream import ShardReader, ShardRef, assign_shards, kind_stream, shard_refs
+from seqface_dist.data.stream import (
+    ReadOptions,
+    ShardReader,
+    ShardRef,
+    assign_shards,
+    kind_stream,
+    shard_refs,
+)
 
 
 @dataclass
@@ -173,6 +181,7 @@ class LoaderPlan:
     flip: bool
     crop_pad: int
     endpoint_url: str
+    read: ReadOptions = field(default_factory=ReadOptions.from_config)  # timeouts, budget...
 
     @property
     def batch_size(self) -> int:
@@ -250,7 +259,7 @@ class MixedBatches:
         """Fills ``plan.quota(worker, epoch)`` batches, each where ``claim()`` says, and
         yields each one's token once it is filled; stops early if ``claim()`` gives None."""
         p = self.plan
-        reader = ShardReader(p.image_size, p.channels, p.endpoint_url, counters)
+        reader = ShardReader(p.image_size, p.channels, p.endpoint_url, counters, p.read)
         aug = random.Random(f"augment/{p.seed}/{self.epoch}/{p.rank}/{worker}")
         fills = []  # (stream, rows of the batch it fills)
         row = 0
@@ -356,7 +365,8 @@ def make_train_loader(data_cfg, *, rank: int, world_size: int, image_size: tuple
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
     endpoint = data_cfg.s3_endpoint_url
-    s3.configure(endpoint)
+    read = ReadOptions.from_config(data_cfg)
+    s3.configure(endpoint, read.timeouts)
     id_sets = resolve_sets(list(data_cfg.identity_shards), "identity", endpoint)
     seq_sets = resolve_sets(list(data_cfg.sequence_shards), "sequence", endpoint)
     for name, sets, field_ in (("identity", id_sets, "identities_per_batch"),
@@ -377,7 +387,7 @@ def make_train_loader(data_cfg, *, rank: int, world_size: int, image_size: tuple
         num_workers=data_cfg.num_workers if num_workers is None else num_workers, seed=seed,
         resampled=data_cfg.resampled, samples_per_epoch=data_cfg.samples_per_epoch,
         shuffle_buffer=data_cfg.shuffle_buffer, flip=data_cfg.flip,
-        crop_pad=data_cfg.random_crop, endpoint_url=endpoint)
+        crop_pad=data_cfg.random_crop, endpoint_url=endpoint, read=read)
     return TrainLoader(plan, layout, epoch)
 
 
@@ -398,7 +408,8 @@ class SampleStream(IterableDataset):
 
     def __init__(self, sets: list[ShardSet], *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0,
-                 first_center: int = 0, endpoint_url: str = ""):
+                 first_center: int = 0, endpoint_url: str = "",
+                 options: ReadOptions | None = None):
         if len({s.kind for s in sets}) > 1:
             raise ValueError("SampleStream reads shard sets of one kind")
         self.refs = shard_refs(sets, first_center)
@@ -406,11 +417,13 @@ class SampleStream(IterableDataset):
         self.channels = sets[0].manifest.channels
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.shuffle_buffer, self.endpoint_url = shuffle_buffer, endpoint_url
+        self.options = options or ReadOptions.from_config()
         self.counters = DataCounters()  # of the in-process iteration (num_workers=0)
 
     def __iter__(self):
         w, nw = _worker()
-        reader = ShardReader(self.image_size, self.channels, self.endpoint_url, self.counters)
+        reader = ShardReader(self.image_size, self.channels, self.endpoint_url, self.counters,
+                             self.options)
         mine = assign_shards(self.refs, self.rank, self.world_size, w, nw, self.seed, self.epoch)
         rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{w}")
         for center, jpg, key, url in kind_stream(self.refs, mine, reader.raw_samples,

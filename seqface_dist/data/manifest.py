@@ -15,6 +15,7 @@ manifest in the pattern's folder.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import braceexpand
@@ -30,6 +31,28 @@ KINDS = ("identity", "sequence")
 
 class ManifestError(ValueError):
     """A manifest is missing, malformed or does not match its shards."""
+
+
+class ShardNameError(ManifestError):
+    """A manifest lists a shard name that is not a plain file name of its folder."""
+
+
+# A shard name read from storage is joined to the set's folder: it must be one plain file
+# name there (no "/", "\\", "..", leading dot, control characters), or a manifest could
+# point a reader, or a build's clean-up, at any file. The builders write
+# "ids-000000.tar" / "seqs-000000.tar" (BUILT_NAME); readers also take other plain names.
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.tar")
+BUILT_NAME = re.compile(r"(ids|seqs)-[0-9]{6,}\.tar")
+
+
+def check_shard_name(name: object, where: str, built: bool = False) -> str:
+    """``name`` if it is a plain shard file name (``built``: one the builder writes),
+    else a ManifestError naming ``where`` and the entry."""
+    rule = BUILT_NAME if built else SHARD_NAME
+    if not isinstance(name, str) or not rule.fullmatch(name):
+        raise ShardNameError(f"{where}: shard name {name!r} is not a plain shard file name "
+                             f"(must match {rule.pattern}); refusing the manifest")
+    return name
 
 
 @dataclass
@@ -84,6 +107,8 @@ class Manifest:
                 raise ManifestError(f"{where}: kind must be identity or sequence, "
                                     f"not {d['kind']!r}")
             shards = [ShardEntry(**s) for s in d["shards"]]
+            for s in shards:
+                check_shard_name(s.name, where)
             m = cls(d["kind"], int(d["num_classes"]), [int(x) for x in d["image_size"]],
                     int(d["channels"]), shards, {str(k): int(v) for k, v in d["label_map"].items()},
                     d.get("source", {}), int(d.get("seed", 0)))

@@ -39,13 +39,15 @@ def dirname(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
 
 
-def open_read(url: str, endpoint_url: str = "") -> BinaryIO:
-    """A readable binary stream (resumable for s3://)."""
+def open_read(url: str, endpoint_url: str = "", *, timeouts: s3.Timeouts | None = None,
+              deadline: float | None = None) -> BinaryIO:
+    """A readable binary stream (resumable for s3://; ``timeouts`` and the ``deadline``, a
+    ``time.monotonic()`` value, apply to s3:// only: callers check local reads)."""
     path = local_path(url)
     if path is not None:
         return open(path, "rb", buffering=1 << 20)
     if is_s3(url):
-        return s3.open_s3(url, endpoint_url)
+        return s3.open_s3(url, endpoint_url, timeouts=timeouts, deadline=deadline)
     import importlib
 
     return importlib.import_module("webdataset.gopen").gopen(url, "rb")

@@ -6,6 +6,12 @@ the ``json`` must be a dict with the right ``kind`` and an integer ``index`` ins
 set's range, the ``jpg`` must decode to the manifest's size. Anything else is skipped
 and counted by reason (:mod:`counters`), with one log line per shard.
 
+A shard that fails as a whole (an S3 error after every retry, a tar header that cannot
+be parsed, the per-shard deadline, a checksum mismatch) is given up where it failed and
+counted by reason (:mod:`faults`); its samples already yielded stay yielded, none is
+yielded twice. Past the failure budget (:class:`ReadOptions`) the pass raises
+:class:`faults.ShardBudgetError` naming the failed shards.
+
 Shard assignment (non-resampled): all shards of the kind, shuffled with (seed, epoch) —
 the same permutation on every rank — then every ``world_size``-th to this rank, then
 every ``num_workers``-th to this worker process. The pieces are disjoint and cover
@@ -17,16 +23,19 @@ Only our own ``jpg``/``json`` handlers run on shard data: nothing is ever unpick
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
-from seqface_dist.data import images, store, tario
+from seqface_dist.data import images, s3, store, tario
 from seqface_dist.data.counters import DataCounters
+from seqface_dist.data.faults import ChecksumMismatch, FailureBudget, ShardDeadline, classify
 from seqface_dist.data.manifest import ShardSet
 
 log = logging.getLogger(__name__)
@@ -39,15 +48,40 @@ class ShardRef:
     kind: str
     num_classes: int  # valid json indices are 0..num_classes-1
     center_offset: int  # center index = center_offset + json index
+    sha256: str = ""  # from the manifest; "" = not known (never verified)
 
 
 def shard_refs(sets: list[ShardSet], first_center: int) -> list[ShardRef]:
     """The shards of several sets of one kind, their index ranges concatenated in order."""
     refs, offset = [], first_center
     for s in sets:
-        refs += [ShardRef(u, c, s.kind, s.num_classes, offset) for u, c in s.shards]
+        sums = {store.join(store.dirname(s.url), e.name): e.sha256 for e in s.manifest.shards}
+        refs += [ShardRef(u, c, s.kind, s.num_classes, offset, sums.get(u, ""))
+                 for u, c in s.shards]
         offset += s.num_classes
     return refs
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a :class:`ShardReader` treats slow and failing shards (``DataConfig`` keys of
+    the same names; plain data, so that it may be pickled to worker processes)."""
+
+    timeouts: s3.Timeouts
+    shard_deadline_s: float  # 0 = none
+    budget: FailureBudget
+    verify_checksums: bool
+
+    @classmethod
+    def from_config(cls, data_cfg=None) -> ReadOptions:
+        """From a DataConfig (None: its defaults, the only place they are written)."""
+        from seqface_dist.config import DataConfig
+
+        cfg = data_cfg or DataConfig()
+        return cls(s3.Timeouts.from_config(cfg), float(cfg.shard_deadline_s),
+                   FailureBudget(float(cfg.max_failed_shard_fraction),
+                                 int(cfg.failed_shard_allowance)),
+                   bool(cfg.verify_checksums))
 
 
 def assign_shards(refs: list[ShardRef], rank: int, world_size: int, worker: int,
@@ -59,14 +93,21 @@ def assign_shards(refs: list[ShardRef], rank: int, world_size: int, worker: int,
 
 
 class _Counting:
-    """Counts the bytes read through a stream."""
+    """Counts the bytes read through a stream; optionally hashes them and enforces a
+    deadline (``time.monotonic()`` value) between reads."""
 
-    def __init__(self, f, counters: DataCounters):
-        self.f, self.counters = f, counters
+    def __init__(self, f, counters: DataCounters, url: str = "", deadline: float | None = None,
+                 hashing: bool = False):
+        self.f, self.counters, self.url, self.deadline = f, counters, url, deadline
+        self.sha = hashlib.sha256() if hashing else None
 
     def read(self, n: int = -1) -> bytes:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise ShardDeadline(f"{self.url}: the shard deadline passed")
         data = self.f.read(n)
         self.counters.bytes += len(data)
+        if self.sha is not None:
+            self.sha.update(data)
         return data
 
 
@@ -74,13 +115,17 @@ class ShardReader:
     """Reads and checks the raw samples of shards; one instance per worker process."""
 
     def __init__(self, image_size: tuple[int, int], channels: int, endpoint_url: str = "",
-                 counters: DataCounters | None = None):
+                 counters: DataCounters | None = None, options: ReadOptions | None = None):
         self.image_size = tuple(image_size)
         self.channels = channels
         self.endpoint_url = endpoint_url
         self.counters = counters or DataCounters()
+        self.options = options or ReadOptions.from_config()
         self.decoder = images.decoder_name()
         self._logged: set[str] = set()  # shards already warned about
+        # For the failure budget, per distinct shard: top-up draws may pick one again.
+        self.tried: set[str] = set()  # shards begun by this reader (its pass)
+        self.failures: dict[str, str] = {}  # url -> reason of the shards given up
 
     def _problem(self, url: str, reason: str, detail: str) -> None:
         self.counters.bad[reason] += 1
@@ -89,26 +134,52 @@ class ShardReader:
             log.warning("%s: %s (%s); further problems in this shard are only counted",
                         url, reason, detail)
 
+    def _failed(self, url: str, exc: BaseException, opened: bool) -> None:
+        """Count a shard given up; raise once the pass is over its failure budget."""
+        reason = classify(exc, url, opened)
+        self.counters.bad[reason] += 1
+        self.counters.failed_shards += 1
+        self.failures[url] = reason
+        log.warning("%s: shard given up: %s (%s: %s)", url, reason, type(exc).__name__, exc)
+        budget = self.options.budget
+        if budget.exceeded(len(self.failures), len(self.tried)):
+            raise budget.error(list(self.failures.items()), len(self.tried))
+
     def raw_samples(self, ref: ShardRef) -> Iterator[tuple[int, bytes, str]]:
-        """(center index, jpg bytes, key) of each sample of one shard whose json is valid."""
+        """(center index, jpg bytes, key) of each sample of one shard whose json is valid.
+        A failure of the whole shard ends it (counted, see the module doc); a shard that
+        failed once is not tried again by this reader (a redraw would only fail again,
+        perhaps after a whole deadline)."""
+        if ref.url in self.failures:
+            return
+        self.tried.add(ref.url)
+        opt = self.options
+        deadline = time.monotonic() + opt.shard_deadline_s if opt.shard_deadline_s else None
         try:
-            f = store.open_read(ref.url, self.endpoint_url)
+            f = store.open_read(ref.url, self.endpoint_url, timeouts=opt.timeouts,
+                                deadline=deadline)
         except Exception as e:  # noqa: BLE001 - any failure to open: skip the shard, counted
-            self._problem(ref.url, "shard_open_error", f"{type(e).__name__}: {e}")
+            self._failed(ref.url, e, opened=False)
             return
         self.counters.shards += 1
+        src = _Counting(f, self.counters, ref.url, deadline,
+                        hashing=opt.verify_checksums and bool(ref.sha256))
+        failure: Exception | None = None
         try:
-            for sample in tario.iter_samples(_Counting(f, self.counters),
-                                             lambda r, d: self._problem(ref.url, r, d)):
+            for sample in tario.iter_samples(src, lambda r, d: self._problem(ref.url, r, d)):
                 checked = self._check(ref, sample)
                 if checked is not None:
                     yield checked
-        except OSError as e:  # retries exhausted mid-shard
-            self._problem(ref.url, "shard_read_error", f"{type(e).__name__}: {e}")
+            if src.sha is not None:
+                _check_sha256(src, ref)
+        except Exception as e:  # noqa: BLE001 - every per-shard failure: skip the rest, counted
+            failure = e
         finally:
             raw = getattr(f, "raw", None)
             self.counters.s3_reopens += getattr(raw, "reopens", 0)
             f.close()
+        if failure is not None:
+            self._failed(ref.url, failure, opened=True)
 
     def _check(self, ref: ShardRef, sample: dict):
         key = sample["__key__"]
@@ -152,6 +223,15 @@ class ShardReader:
             return None
         self.counters.samples += 1
         return img
+
+
+def _check_sha256(src: _Counting, ref: ShardRef) -> None:
+    while src.read(1 << 20):  # the tail after the end-of-archive block is hashed too
+        pass
+    if src.sha.hexdigest() != ref.sha256:
+        raise ChecksumMismatch(f"{ref.url}: sha256 {src.sha.hexdigest()[:16]}... differs from "
+                               f"the manifest's {ref.sha256[:16]}... (its samples were "
+                               f"already read)")
 
 
 def shuffled(it: Iterator, bufsize: int, rng: random.Random) -> Iterator:

@@ -58,15 +58,22 @@ def _checksum_ok(block: bytes) -> bool:
     return (1 + stored - expect) % 65521 == 0
 
 
+class TarHeaderError(ValueError):
+    """A header with a valid checksum whose size field cannot be trusted: where the next
+    member starts is unknown, so the rest of the shard cannot be read."""
+
+
 def _octal(field: bytes) -> int:
-    try:
-        return int(field[:-1], 8)  # the usual "%011o\0"
-    except ValueError:
-        pass
-    field = field.split(b"\0", 1)[0].strip()
-    if field and field[0] & 0x80:  # GNU base-256 for huge sizes
-        return int.from_bytes(field[1:], "big")
-    return int(field or b"0", 8)
+    """A ustar size field: octal digits, NUL/space padded. GNU base-256 (sizes >= 8 GiB)
+    is refused: the writer never makes it, no face image is that large, and a forged huge
+    size would make the reader buffer the whole rest of the shard."""
+    digits = field.split(b"\0", 1)[0].strip(b" ")  # usually "%011o\0"
+    if not digits:
+        return 0
+    # Only the digits 0-7: int() alone would also take a sign, "0o" and underscores.
+    if digits.translate(None, b"01234567") == b"":
+        return int(digits, 8)
+    raise TarHeaderError(f"tar size field {bytes(field)!r} is not octal")
 
 
 def _refill(f: BinaryIO, buf: bytes, pos: int, need: int, chunk: int) -> bytes:

@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlparse
@@ -147,6 +148,151 @@ class CuttingProxy:
         self._sock.close()
 
     def __enter__(self) -> CuttingProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_EXPIRED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
+            b"<Message>The provided token has expired.</Message></Error>")
+
+
+class FaultProxy:
+    """An HTTP proxy on loopback in front of an S3 endpoint that injects one fault into
+    GETs of keys containing ``only`` (other requests pass through untouched):
+
+    - ``cut_after`` = n: the first GET of each object sends n body bytes, then the
+      connection is dropped, so the reader resumes with a ranged GET; then ``on_resume``:
+      ``"forbid"`` answers 403 ExpiredToken, ``"replace"`` overwrites the object upstream
+      first (the reader's If-Match then gets 412), ``"ignore_range"`` forwards the GET
+      without Range/If-Match (200 with the whole object), None forwards it as it is;
+    - ``forbid_all``: every matching GET gets 403;
+    - ``trickle`` = (n, seconds): the body goes out n bytes at a time with a pause between.
+
+    ``faults`` counts the injected faults; ``resumes`` the ranged GETs seen."""
+
+    def __init__(self, target_url: str, only: str = ".tar", cut_after: int | None = None,
+                 on_resume: str | None = None, forbid_all: bool = False,
+                 trickle: tuple[int, float] | None = None):
+        import http.server
+
+        self.target = target_url
+        self.only, self.cut_after, self.on_resume = only, cut_after, on_resume
+        self.forbid_all, self.trickle = forbid_all, trickle
+        self.faults = self.resumes = 0
+        self._cut: set[str] = set()  # objects whose first GET was cut
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy._get(self)
+
+            def do_HEAD(self) -> None:
+                proxy._forward(self, dict(self.headers), b"")
+
+            def do_PUT(self) -> None:
+                n = int(self.headers.get("Content-Length", 0))
+                proxy._forward(self, dict(self.headers), self.rfile.read(n))
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _upstream(self, method: str, path: str, headers: dict, body: bytes):
+        import http.client
+
+        pr = urlparse(self.target)
+        conn = http.client.HTTPConnection(pr.hostname, pr.port, timeout=30)
+        headers = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(method, path, body=body or None, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, resp.reason, resp.getheaders(), data
+
+    def _forward(self, h, headers: dict, body: bytes, cut: int | None = None) -> None:
+        status, reason, resp_headers, data = self._upstream(h.command, h.path, headers, body)
+        h.send_response(status, reason)
+        for k, v in resp_headers:
+            if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if h.command == "HEAD":
+            return
+        if cut is not None:
+            h.wfile.write(data[:cut])
+            h.wfile.flush()
+            h.close_connection = True
+            # FIN after the data (an RST could drop bytes still in flight, so where the
+            # cut lands would vary): the client sees the body end short of Content-Length.
+            h.connection.shutdown(socket.SHUT_WR)
+            return
+        if self.trickle is None or self.only not in h.path:
+            h.wfile.write(data)
+            return
+        n, pause = self.trickle
+        try:
+            for i in range(0, len(data), n):
+                h.wfile.write(data[i:i + n])
+                h.wfile.flush()
+                time.sleep(pause)
+        except OSError:  # the reader gave up (deadline): expected
+            h.close_connection = True
+
+    def _error(self, h, status: int, body: bytes) -> None:
+        with self._lock:
+            self.faults += 1
+        h.send_response(status)
+        h.send_header("Content-Type", "application/xml")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _get(self, h) -> None:
+        headers = dict(h.headers)
+        ranged = any(k.lower() == "range" for k in headers)
+        if self.only not in h.path:
+            return self._forward(h, headers, b"")
+        if self.forbid_all:
+            return self._error(h, 403, _EXPIRED)
+        if ranged:
+            with self._lock:
+                self.resumes += 1
+            if self.on_resume == "forbid":
+                return self._error(h, 403, _EXPIRED)
+            if self.on_resume == "replace":
+                with self._lock:
+                    self.faults += 1
+                from seqface_dist.data import s3
+
+                bucket, _, key = h.path.split("?")[0].lstrip("/").partition("/")
+                s3.client(self.target).put_object(Bucket=bucket, Key=key, Body=b"new" * 100)
+            if self.on_resume == "ignore_range":
+                with self._lock:
+                    self.faults += 1
+                headers = {k: v for k, v in headers.items()
+                           if k.lower() not in ("range", "if-match")}
+            return self._forward(h, headers, b"")
+        with self._lock:
+            cut = self.cut_after is not None and h.path not in self._cut
+            if cut:
+                self._cut.add(h.path)
+        return self._forward(h, headers, b"", self.cut_after if cut else None)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:

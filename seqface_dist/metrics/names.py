@@ -55,6 +55,9 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("counter", "seqface_shard_read_bytes", "Bytes read from shards."),
     MetricSpec("counter", "seqface_shard_samples_read", "Samples read from shards."),
     MetricSpec("counter", "seqface_shards_opened", "Shards opened."),
+    MetricSpec("counter", "seqface_shards_failed",
+               "Shards given up (S3 errors after retries, bad tar header, deadline, checksum); "
+               "each also counted by reason in seqface_bad_samples."),
     MetricSpec("counter", "seqface_bad_samples", "Samples skipped as bad, by reason.",
                ("reason",)),
     MetricSpec("counter", "seqface_s3_retries", "Retried S3 requests."),

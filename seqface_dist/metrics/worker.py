@@ -39,7 +39,7 @@ from seqface_dist.metrics.names import (
 
 # Keys update_data_counters accepts (cumulative totals from the data pipeline).
 DATA_COUNTER_KEYS = ("shard_bytes", "shard_samples", "shards_opened", "s3_retries",
-                     "bad_samples")
+                     "shards_failed", "bad_samples")
 # Label values that come from callers must stay few and tame: one series per value.
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
@@ -95,6 +95,7 @@ class WorkerMetrics:
         self._data = {"shard_bytes": c("seqface_shard_read_bytes"),
                       "shard_samples": c("seqface_shard_samples_read"),
                       "shards_opened": c("seqface_shards_opened"),
+                      "shards_failed": c("seqface_shards_failed"),
                       "s3_retries": c("seqface_s3_retries")}
         self._bad: dict[str, Any] = {}
         self._last_totals: dict[str, float] = {}
@@ -199,7 +200,8 @@ class WorkerMetrics:
     def update_data_counters(self, totals: Mapping[str, Any]) -> None:
         """Advance the data counters to the pipeline's cumulative ``totals``.
 
-        Keys: ``shard_bytes``, ``shard_samples``, ``shards_opened``, ``s3_retries`` (numbers)
+        Keys: ``shard_bytes``, ``shard_samples``, ``shards_opened``, ``s3_retries``,
+        ``shards_failed`` (numbers)
         and ``bad_samples`` (a mapping reason -> count), all totals since the pipeline
         started. A total that goes down means the pipeline restarted: it counts afresh.
         """

@@ -386,4 +386,4 @@ def _append_history(cfg: Config, report: dict) -> None:
 def _data_counters(c: dict) -> dict:
     return {"shard_bytes": c.get("bytes", 0), "shard_samples": c.get("samples", 0),
             "shards_opened": c.get("shards", 0), "s3_retries": c.get("s3_reopens", 0),
-            "bad_samples": dict(c.get("bad", {}))}
+            "shards_failed": c.get("failed_shards", 0), "bad_samples": dict(c.get("bad", {}))}
