@@ -210,10 +210,9 @@ class OptimConfig:
         _range(self, p, "momentum", 0, 1, hi_open=True)
         _range(self, p, "weight_decay", 0, 1, hi_open=True)
         _check(self.schedule in ("step", "cosine"), f"{p}.schedule", "must be 'step' or 'cosine'")
-        _check(all(m >= 0 for m in self.milestones), f"{p}.milestones",
-               f"each must be >= 0 (got {self.milestones})")
-        _check(list(self.milestones) == sorted(self.milestones), f"{p}.milestones",
-               f"must be increasing (got {self.milestones})")
+        _check(all(m >= 0 for m in self.milestones) and
+               list(self.milestones) == sorted(self.milestones), f"{p}.milestones",
+               f"must be increasing steps, each >= 0 (got {self.milestones})")
         _range(self, p, "gamma", 0, 1, lo_open=True)
         _range(self, p, "warmup_steps", 0)
         _range(self, p, "max_steps", 1)
