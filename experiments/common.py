@@ -99,6 +99,7 @@ def train(cfg: Config, data: TrainData, *, log=print,
                 f"{k} {v:.3f}" for k, v in last.items()) + f" lr {res.lr:.4f} "
                 f"({time.time() - t0:.0f} s)")
     last["seconds"] = time.time() - t0
+    last["skipped_steps"] = trainer.skipped_steps  # non-finite steps, nothing applied
     last["sequence_weight"] = weight
     return trainer.module, last, trainer.head.weight.detach()
 

@@ -200,3 +200,20 @@ def test_metrics_config_refuses_bad_values():
         MetricsConfig(host="").validate("metrics")
     with pytest.raises(ConfigError, match="metrics.port"):
         MetricsConfig(port=70000).validate("metrics")
+
+
+def test_a_skipped_step_counts_as_nonfinite_not_as_an_optimizer_step():
+    m = WorkerMetrics(run="run", rank=0, node="n")
+    m.observe_step(PH, LOSSES, samples=64, step=1)
+    m.observe_step(PH, {}, samples=64, step=2, skipped=True)
+    m.observe_step(PH, {}, samples=64, step=3, skipped=True)
+    port = m.start()
+    try:
+        text = scrape(port)
+    finally:
+        m.stop()
+    assert value(text, "seqface_steps_total") == 1
+    assert value(text, "seqface_nonfinite_steps_total") == 2
+    assert value(text, "seqface_samples_total") == 3 * 64  # their batches were consumed
+    assert value(text, "seqface_global_step") == 3
+    assert value(text, "seqface_loss", term="total") == LOSSES["total"]  # the last finite

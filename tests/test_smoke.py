@@ -18,6 +18,7 @@ from seqface_dist.train.smoke import (
     run_smoke,
     smoke_config,
 )
+from seqface_dist.train.step import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,3 +111,14 @@ def test_cli_config_error_names_the_key() -> None:
 def test_cli_bad_steps_refused(capsys) -> None:
     assert main(["smoke", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_a_diverging_smoke_run_logs_its_skipped_steps_then_stops() -> None:
+    # An lr the net cannot take: the steps go non-finite, are skipped and logged, and the
+    # default train.max_nonfinite_steps (10) ends the run instead of 40 steps of NaN.
+    lines: list[str] = []
+    cfg = smoke_config(None, ["optim.max_steps=40", "optim.lr=10", "train.log_every=1"])
+    with pytest.raises(NonFiniteLossError, match="11 in a row, train.max_nonfinite_steps is 10"):
+        run_smoke(cfg, log=lines.append)
+    skipped = [line for line in lines if "skipped (not finite" in line]
+    assert len(skipped) == 10 and skipped[-1].endswith("10 so far)")

@@ -1,5 +1,6 @@
-"""The one training step (`seqface_dist.train.step`): what it does in one process, and
-that a diverged run stops with an error that says what to change."""
+"""The one training step (`seqface_dist.train.step`): what it does in one process; that a
+non-finite step is skipped and changes nothing, and that a diverged run stops with an
+error that says what to change, its model still finite."""
 
 from __future__ import annotations
 
@@ -54,19 +55,118 @@ def test_step_is_backbone_head_backward_and_both_optimizers_with_the_schedule():
     torch.testing.assert_close(trainer.head.centers, head.centers)
 
 
-def test_a_non_finite_loss_stops_the_run_naming_what_to_change():
+def _state(trainer) -> list[torch.Tensor]:
+    """Every tensor a step may change: backbone weights and buffers (BatchNorm statistics),
+    the head's rows, and both optimizers' momentum."""
+    t = [v.detach().clone() for v in trainer.module.state_dict().values()]
+    t += [trainer.head.weight.detach().clone(), trainer.head.centers.detach().clone()]
+    for opt in (trainer.backbone_opt, trainer.head_opt):
+        t += [s["momentum_buffer"].clone() for s in opt.state.values() if "momentum_buffer" in s]
+    return t
+
+
+def _poisoned(seed: int):
+    """A batch whose pixels are NaN (float, which the normalisation passes through)."""
+    images, t = _batch(seed)
+    return torch.full(images.shape, float("nan")), t
+
+
+def test_a_non_finite_loss_skips_the_step_leaves_everything_as_it_was_and_counts_it():
     cfg = smoke_config()
     trainer = local_trainer(cfg, N_ID, N_SEQ)
     images, t = _batch(0)
-    trainer.step(images, t, 0)
-    with torch.no_grad():
-        trainer.head.weight[0] = float("nan")
-    before = [p.detach().clone() for p in trainer.module.parameters()]
-    with pytest.raises(NonFiniteLossError, match=r"step 1: the loss is nan.*optim\.lr"):
-        trainer.step(images, t, 1)
-    # Nothing was updated by the diverged step.
-    for a, b in zip(before, trainer.module.parameters(), strict=True):
+    assert not trainer.step(images, t, 0).skipped
+    before = _state(trainer)
+    res = trainer.step(*_poisoned(1), 1)
+    assert res.skipped and res.skipped_steps == 1 and trainer.consecutive_skipped == 1
+    assert "chief" in res.nonfinite and res.grad_norm != res.grad_norm
+    after = _state(trainer)
+    assert len(after) == len(before) > 2 + len(list(trainer.module.parameters()))
+    for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
+    # Nothing of the bad step is left to leak into the next one.
+    assert all(p.grad is None for p in trainer.module.parameters())
+    assert trainer.head.weight.grad is None and trainer.head.centers.grad is None
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step():
+    # lr at its allowed maximum: by the third step the loss is ~1e27, finite, and its
+    # gradient overflows; applying it would have made every weight inf.
+    cfg = smoke_config(None, ["optim.lr=10", "optim.momentum=0"])
+    trainer = local_trainer(cfg, N_ID, N_SEQ)
+    results = []
+    for step in range(3):
+        before = _state(trainer)
+        results.append(trainer.step(*_batch(step), step))
+    res = results[-1]
+    assert [r.skipped for r in results] == [False, False, True]
+    assert res.nonfinite == ("grad_norm",) and torch.isfinite(res.out.loss)
+    for a, b in zip(before, _state(trainer), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_after_one_bad_batch_training_goes_on_as_if_it_had_not_come():
+    """The skipped step uses up its step number (schedules follow the step number)."""
+    cfg = smoke_config(None, ["optim.warmup_steps=6"])
+    hit, clean = local_trainer(cfg, N_ID, N_SEQ), local_trainer(cfg, N_ID, N_SEQ)
+    for step, seed in ((0, 0), (1, None), (2, 2), (3, 3)):
+        res = hit.step(*(_poisoned(9) if seed is None else _batch(seed)), step)
+        assert res.skipped == (seed is None)
+        if seed is not None:
+            ref = clean.step(*_batch(seed), step)
+            assert res.lr == ref.lr and not ref.skipped
+            torch.testing.assert_close(res.out.loss, ref.out.loss)
+    assert res.skipped_steps == 1 and hit.consecutive_skipped == 0
+    for a, b in zip(_state(hit), _state(clean), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("limit", [0, 3])
+def test_more_non_finite_steps_in_a_row_than_allowed_stop_the_run_naming_what_to_change(limit):
+    cfg = smoke_config(None, [f"train.max_nonfinite_steps={limit}"])
+    trainer = local_trainer(cfg, N_ID, N_SEQ)
+    trainer.step(*_batch(0), 0)
+    before = _state(trainer)
+    for step in range(1, limit + 1):
+        assert trainer.step(*_poisoned(step), step).skipped
+    with pytest.raises(NonFiniteLossError, match=(
+            rf"step {limit + 1}: not finite: chief, dsa_pull, dsa_push \(loss nan.*"
+            rf"{limit + 1} skipped in all.*last good state.*optim\.lr \(now 0\.05\).*"
+            r"optim\.warmup_steps \(now 0\).*optim\.grad_clip")):
+        trainer.step(*_poisoned(limit + 1), limit + 1)
+    for a, b in zip(before, _state(trainer), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_good_step_resets_the_run_of_skipped_steps():
+    cfg = smoke_config(None, ["train.max_nonfinite_steps=1"])
+    trainer = local_trainer(cfg, N_ID, N_SEQ)
+    for step in range(6):  # bad, good, bad, good, ...: never two in a row
+        res = trainer.step(*(_poisoned(step) if step % 2 == 0 else _batch(step)), step)
+    assert res.skipped_steps == 3 and not res.skipped
+
+
+def test_a_diverged_run_stops_early_at_its_last_good_state_and_its_export_is_finite(tmp_path):
+    from safetensors.torch import load_file
+
+    from seqface_dist.train.export import export_embedding
+
+    # The issue's run: an lr the net cannot take, on and on. Now it stops by itself.
+    cfg = smoke_config(None, ["optim.lr=2", "train.max_nonfinite_steps=4"])
+    trainer = local_trainer(cfg, N_ID, N_SEQ)
+    good = None
+    with pytest.raises(NonFiniteLossError, match="5 in a row, train.max_nonfinite_steps is 4"):
+        for step in range(50):
+            if not trainer.step(*_batch(step), step).skipped:
+                good = _state(trainer)
+    assert good is not None and step < 49  # it trained, then stopped on its own
+    for a, b in zip(good, _state(trainer), strict=True):
+        assert torch.equal(a, b)
+    export_embedding(trainer.module, cfg.model, tmp_path / "export")
+    exported = load_file(str(tmp_path / "export" / "backbone.safetensors"))
+    assert exported and all(torch.isfinite(v.float()).all() for v in exported.values())
+    for k, v in trainer.module.state_dict().items():
+        assert torch.equal(exported[k], v), k
 
 
 def test_clipping_bounds_the_global_norm_over_backbone_and_head():

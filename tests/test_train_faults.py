@@ -1,84 +1,51 @@
-"""A rank killed *during* a checkpoint (its upload done, the commit not yet written): the
-run goes on from the last committed checkpoint, on a real local Ray cluster.
-
-The workers pause between their upload and the commit (the fault-injection variable
-SEQFACE_FAULT_PAUSE_BEFORE_COMMIT_S, set for this test's own cluster only), which gives
-the test a window to SIGKILL rank 1 inside the checkpoint write.
-"""
+"""Runs that cannot succeed end, with an error that says why, instead of hanging or
+reporting success: more workers than the Ray cluster can place, and a diverged run."""
 
 from __future__ import annotations
-
-import os
-import signal
-import threading
-import time
-from pathlib import Path
 
 import pytest
 from train_util import history, train_cfg
 
 from seqface_dist.config import config_from_dict
-from seqface_dist.train import commit
-from seqface_dist.train.checkpoint import check_complete
-from seqface_dist.train.driver import local_ray, run
-from seqface_dist.train.worker import FAULT_PAUSE_BEFORE_COMMIT, history_path
+from seqface_dist.train.driver import PreflightError, check_cluster_resources, local_ray, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # starts Ray: the slow tier
 
 
-def _uncommitted_after_a_commit(run_dir: Path) -> Path | None:
-    """A checkpoint folder with files but no commit, newer than a committed one."""
-    folders = sorted(run_dir.glob("checkpoint-*"))
-    done = [f for f in folders if (f / "state.json").is_file()]
-    pending = [f for f in folders if not (f / "state.json").exists() and any(f.rglob("*.pt"))]
-    if done and pending and pending[-1].name > done[-1].name:
-        return pending[-1]
-    return None
-
-
-def _kill_rank1_mid_checkpoint(cfg, killed: list, stop: threading.Event) -> None:
-    run_dir = Path(cfg.train.storage_path) / cfg.train.run_name
-    while not stop.is_set():
-        pending = _uncommitted_after_a_commit(run_dir)
-        if pending is not None and history_path(cfg).exists():
-            pid = history(cfg)[-1]["pids"][1]
-            killed.append((pid, pending.name))
-            os.kill(pid, signal.SIGKILL)
-            return
-        time.sleep(0.05)
-
-
-def test_a_rank_killed_during_a_checkpoint_write_resumes_from_the_last_commit(shards,
-                                                                              tmp_path):
-    cfg = config_from_dict(train_cfg(shards, tmp_path, "mid", optim__max_steps=40,
-                                     train__max_failures=1, train__checkpoint_every=10,
-                                     train__keep_checkpoints=2))
-    killed: list = []
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_rank1_mid_checkpoint, args=(cfg, killed, stop),
-                              daemon=True)
-    with local_ray(num_cpus=2, env_vars={"DS_ACCELERATOR": "cpu",
-                                         FAULT_PAUSE_BEFORE_COMMIT: "4"},
+@pytest.fixture(scope="module")
+def own_ray():
+    with local_ray(num_cpus=2, env_vars={"DS_ACCELERATOR": "cpu"},
                    object_store_memory=256 << 20):
-        killer.start()
-        try:
-            result = run(cfg)
-        finally:
-            stop.set()
-    assert killed, "no rank was killed mid-checkpoint"
-    (pid, half_written), = killed
-    half_step = int(half_written.split("-")[1])
-    hist = history(cfg)
-    resumed = [r for r in hist if r.get("event") == "resumed"]
-    assert len(resumed) == 1, hist
-    # Back to the last *committed* checkpoint, not the half-written one.
-    assert resumed[0]["step"] == half_step - 10, (resumed, half_written)
-    assert pid not in hist[-1]["pids"] and hist[-1]["step"] == 40
-    final = check_complete(result.checkpoint.path)
-    assert final.step == 40
-    # Only committed checkpoints remain, the newest two; the half-written one is gone.
-    run_dir = Path(cfg.train.storage_path) / cfg.train.run_name
-    left = sorted(p.name for p in run_dir.glob("checkpoint-*"))
-    assert len(left) == 2 and half_written not in left, left
-    found, skipped = commit.find_resumable(commit.filesystem(str(run_dir))[0], str(run_dir))
-    assert found.step == 40 and skipped == []
+        yield
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_refused_before_any_worker(
+        shards, tmp_path, own_ray):
+    # Without the check Ray Train waits for 64 CPUs forever (a retry every 60 s).
+    cfg = config_from_dict(train_cfg(shards, tmp_path, "toomany", train__num_workers=64))
+    with pytest.raises(PreflightError, match=(
+            r"train\.num_workers=64 x train\.cpus_per_worker=1 needs 64 CPUs, the Ray "
+            r"cluster has 2 .*train\.wait_for_resources=true")):
+        run(cfg)
+    one = config_from_dict(train_cfg(shards, tmp_path, "fat", train__num_workers=1,
+                                     train__cpus_per_worker=3))
+    with pytest.raises(PreflightError, match="needs 3 CPUs, the Ray cluster has 2"):
+        run(one)
+    assert not (tmp_path / "toomany").exists()  # no worker started, nothing written
+    # An autoscaling cluster grows on demand: there the check is off.
+    check_cluster_resources(config_from_dict(train_cfg(
+        shards, tmp_path, "scales", train__num_workers=64, train__wait_for_resources=True)))
+
+
+def test_a_diverging_run_skips_its_steps_then_stops_naming_the_step(shards, tmp_path, own_ray):
+    # The issue's run: an lr the net cannot take. Two DeepSpeed workers skip the same
+    # steps (the loss and the gradient norm are global), then stop after 3 in a row.
+    cfg = config_from_dict(train_cfg(shards, tmp_path, "diverge", optim__lr=10.0,
+                                     train__max_nonfinite_steps=3, train__log_every=1))
+    with pytest.raises(Exception, match=r"not finite.*train\.max_nonfinite_steps is 3") as e:
+        run(cfg)
+    assert "optim.lr (now 10.0)" in str(e.value)
+    rows = history(cfg)
+    skipped = [r["skipped_steps"] for r in rows]
+    # Logged every step: the count rises by one a step, up to the 3 the run allowed.
+    assert skipped[-3:] == [1, 2, 3] and skipped[:-3] == [0] * (len(rows) - 3), skipped

@@ -36,6 +36,8 @@ class MetricSpec:
 SPECS: tuple[MetricSpec, ...] = (
     # Progress and throughput.
     MetricSpec("counter", "seqface_steps", "Optimizer steps completed by this worker."),
+    MetricSpec("counter", "seqface_nonfinite_steps",
+               "Steps skipped, no update applied: the loss or gradient norm was not finite."),
     MetricSpec("counter", "seqface_samples", "Training samples consumed by this worker."),
     MetricSpec("gauge", "seqface_global_step", "Latest global step number."),
     MetricSpec("gauge", "seqface_world_size", "Number of training workers in the run."),

@@ -88,6 +88,7 @@ class WorkerMetrics:
         self._head = {h: c("seqface_head_rows", matrix=h) for h in HEAD_MATRICES}
         self._step_hist = c("seqface_step_duration_seconds")
         self._steps, self._samples = c("seqface_steps"), c("seqface_samples")
+        self._nonfinite = c("seqface_nonfinite_steps")
         self._global_step = c("seqface_global_step")
         self._throughput = c("seqface_throughput_samples_per_second")
         self._lr, self._lam = c("seqface_learning_rate"), c("seqface_asoftmax_lambda")
@@ -135,12 +136,14 @@ class WorkerMetrics:
     def observe_step(self, phases: Mapping[str, float], losses: Mapping[str, float],
                      samples: int, lr: float | None = None, lam: float | None = None,
                      active_hinge_fraction: float | None = None, step: int | None = None,
-                     step_seconds: float | None = None) -> None:
+                     step_seconds: float | None = None, skipped: bool = False) -> None:
         """Record one finished step.
 
         phases: seconds per phase, keys from ``PHASES`` (any subset); losses: keys from
         ``LOSS_TERMS`` (any subset); samples: this worker's samples in the step;
-        step_seconds: the whole step's time (default: the sum of the phases).
+        step_seconds: the whole step's time (default: the sum of the phases); skipped: the
+        step's loss or gradient was not finite and nothing was updated (counted in
+        ``seqface_nonfinite_steps_total``, not in ``seqface_steps_total``).
         """
         total = 0.0
         for name, seconds in phases.items():
@@ -155,7 +158,7 @@ class WorkerMetrics:
                 raise ValueError(f"observe_step: unknown loss term {name!r}; known: {LOSS_TERMS}")
             child.set(value)
         self._step_hist.observe(total if step_seconds is None else step_seconds)
-        self._steps.inc()
+        (self._nonfinite if skipped else self._steps).inc()
         self._samples.inc(samples)
         if lr is not None:
             self._lr.set(lr)

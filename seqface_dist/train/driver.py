@@ -11,7 +11,8 @@ GPU cluster (the same code; see launch/submit.sh and the README):
 
 The preflight runs before any worker starts and refuses, with a message naming what to
 fix: an invalid config, shard manifests that cannot be read or disagree with the model,
-a checkpoint to resume that does not fit, a storage path that cannot be written.
+a checkpoint to resume that does not fit, a storage path that cannot be written, and
+(once connected to Ray) more workers than the cluster has CPUs or GPUs for.
 """
 
 from __future__ import annotations
@@ -151,6 +152,47 @@ def _check_resume(cfg: Config, layout: dict) -> None:
                              f"{mode} needs the other; set loss.sequence_mode={saved}")
 
 
+def check_cluster_resources(cfg: Config) -> None:
+    """Refuse a run the connected Ray cluster cannot place (call after ``ray.init``).
+
+    Ray Train would otherwise wait for the missing CPUs or GPUs forever, retrying every
+    minute. A cluster with an autoscaler grows on demand: there ``train.wait_for_resources:
+    true`` skips this check (Ray cannot tell from here whether nodes will be added).
+    """
+    import ray
+
+    t = cfg.train
+    if t.wait_for_resources:
+        return
+    per_worker = {"CPU": float(t.cpus_per_worker)}
+    if t.use_gpu:
+        per_worker["GPU"] = 1.0  # ScalingConfig(use_gpu=True): one GPU per worker
+    have = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for res, each in per_worker.items():
+        need, total = each * t.num_workers, float(have.get(res, 0.0))
+        largest = max((float(n.get(res, 0.0)) for n in nodes), default=0.0)
+        what = (f"train.num_workers={t.num_workers} x "
+                + (f"train.cpus_per_worker={t.cpus_per_worker}" if res == "CPU" else
+                   "1 GPU (train.use_gpu)"))
+        if total < need:
+            problem = f"needs {need:g} {res}s, the Ray cluster has {total:g}"
+        elif largest < each:
+            problem = (f"needs {each:g} {res}s on one node, the largest node has "
+                       f"{largest:g}")
+        else:
+            continue
+        raise PreflightError(
+            f"{what} {problem} (ray.cluster_resources(): {_fmt_resources(have)}); Ray Train "
+            f"would wait for them forever. Lower train.num_workers or "
+            f"train.cpus_per_worker, add nodes, or, on a cluster with an autoscaler, set "
+            f"train.wait_for_resources=true")
+
+
+def _fmt_resources(have: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(have.items()) if k in ("CPU", "GPU"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,6 +260,7 @@ def _fit(cfg: Config, pre: Preflight):
 
     from seqface_dist.train.worker import train_func
 
+    check_cluster_resources(cfg)
     registrar = None
     try:
         if cfg.metrics.enabled and cfg.metrics.service_discovery_dir:
@@ -246,4 +289,5 @@ def _fit(cfg: Config, pre: Preflight):
             stop_registrar(registrar)
 
 
-__all__ = ["ConfigError", "Preflight", "PreflightError", "local_ray", "preflight", "run"]
+__all__ = ["ConfigError", "Preflight", "PreflightError", "check_cluster_resources",
+           "local_ray", "preflight", "run"]

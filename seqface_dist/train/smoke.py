@@ -217,11 +217,16 @@ def _run_smoke(cfg: Config, spec: SyntheticSpec, log: Callable[[str], None] | No
         x, idx = mixed_batch(data, cfg, g)
         res = trainer.step(x, idx, step)
         o = res.out
+        if progress is not None:
+            progress(1)
+        if res.skipped:  # nothing was updated; its non-finite losses would poison the means
+            if log is not None:
+                log(f"step {step + 1:5d}/{steps}  skipped (not finite: "
+                    f"{', '.join(res.nonfinite)}; {res.skipped_steps} so far)")
+            continue
         history.append({"total": float(o.loss.detach()), "chief": float(o.chief),
                         "dsa": float(o.dsa), "pull": float(o.dsa_pull),
                         "push": float(o.dsa_push), "active": float(o.active_fraction)})
-        if progress is not None:
-            progress(1)
         if log is not None and ((step + 1) % cfg.train.log_every == 0 or step == 0):
             h = history[-1]
             log(f"step {step + 1:5d}/{steps}  lr {res.lr:.4g}  "
@@ -232,6 +237,7 @@ def _run_smoke(cfg: Config, spec: SyntheticSpec, log: Callable[[str], None] | No
     window = max(1, steps // 10)
     return {
         "steps": steps,
+        "skipped_steps": trainer.skipped_steps,  # non-finite steps: not in history
         "seconds": seconds,
         "window": window,
         "first": _mean(history[:window]),
@@ -259,6 +265,9 @@ def format_report(result: dict[str, Any]) -> str:
              f"({result['num_identities']} identities, {result['num_sequences']} tracks); "
              f"mean of the first vs last {result['window']} steps:"]
     lines += [f"  {k:7s} {f[k]:9.4f} -> {la[k]:9.4f}" for k in TERMS]
+    if result.get("skipped_steps"):
+        lines.append(f"  {result['skipped_steps']} steps skipped: their loss or gradient "
+                     "was not finite (see train.max_nonfinite_steps)")
     lines.append(f"  verification on unseen classes (10-fold, cosine): "
                  f"{result['verification_accuracy_untrained']:.3f} untrained -> "
                  f"{result['verification_accuracy']:.3f} trained (chance 0.5)")

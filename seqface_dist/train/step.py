@@ -12,6 +12,12 @@ the partitioned head (``Comm()``: a world of one without a process group), backw
 (which also fills the head's row gradients), gradient clipping over backbone and head,
 the backbone's optimizer, then the head's (W, and the centers' pull update).
 
+A step whose loss or gradient norm is not finite is *skipped*: no optimizer moves a
+weight, the gradients are dropped and the backbone's buffers (BatchNorm statistics) are
+put back, so the model stays at its last good state. The step number is still used up
+(its batch is consumed; the lr and lambda schedules follow the step number as always).
+More than ``train.max_nonfinite_steps`` skipped in a row raise :class:`NonFiniteLossError`.
+
 The backbone is a DeepSpeed engine in the Ray worker and a :class:`LocalEngine` (the same
 three calls over a plain module and torch SGD) everywhere else.
 """
@@ -46,6 +52,9 @@ class LocalEngine:
 
     def step(self) -> None:
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -90,15 +99,23 @@ def build_head(cfg: Config, num_identities: int, num_sequences: int, comm: Comm,
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss turned NaN or infinite: the run diverged."""
+    """Too many steps in a row had a NaN or infinite loss or gradient: the run diverged."""
+
+
+# The terms a diverged step is reported by (chief_identity / chief_lsr are nan by design
+# when a batch has no such samples, so they would mislead here).
+LOSS_TERMS = ("chief", "dsa_pull", "dsa_push")
 
 
 @dataclass
 class StepResult:
     out: HeadOutput
     lr: float
-    grad_norm: float  # nan unless clipping or asked for
+    grad_norm: float  # the global gradient norm; nan if the step was skipped for it
     seconds: dict[str, float]  # forward, backward, optimizer, communication
+    skipped: bool = False  # the loss or gradient norm was not finite: nothing was updated
+    skipped_steps: int = 0  # steps this Trainer skipped so far (since it was built)
+    nonfinite: tuple[str, ...] = ()  # what was not finite in a skipped step
 
     def losses(self) -> dict[str, float]:
         o = self.out
@@ -122,6 +139,16 @@ class Trainer:
     def __post_init__(self) -> None:
         self._optimizers = [self.backbone_opt, self.head_opt]
         self._base_lrs = [[g["lr"] for g in o.param_groups] for o in self._optimizers]
+        self.skipped_steps = 0  # every skipped step so far
+        self.consecutive_skipped = 0  # skipped steps since the last applied one
+        # ZeRO 1/2 keep reduced gradient partitions and a micro-step count that only the
+        # engine's step() resets: a skipped step would leak into the next one, so there
+        # the first non-finite step stops the run.
+        can_skip = isinstance(self.engine, LocalEngine) or self.cfg.train.zero_stage == 0
+        self.max_nonfinite_steps = self.cfg.train.max_nonfinite_steps if can_skip else 0
+        # BatchNorm statistics move in the forward, before the check: kept to put back.
+        self._buffers = list(self.module.buffers())
+        self._saved_buffers = [b.detach().clone() for b in self._buffers]
 
     @property
     def module(self) -> nn.Module:
@@ -129,52 +156,120 @@ class Trainer:
 
     def step(self, images: torch.Tensor, center_index: torch.Tensor, step: int, *,
              want_grad_norm: bool = False) -> StepResult:
-        """One optimisation step on this rank's batch (uint8 B x H x W x C images)."""
+        """One optimisation step on this rank's batch (uint8 B x H x W x C images).
+
+        A non-finite loss or gradient norm skips the step (``StepResult.skipped``); the
+        ``train.max_nonfinite_steps + 1``-th skipped step in a row raises
+        :class:`NonFiniteLossError`. ``want_grad_norm`` is kept for callers: the norm is
+        now computed every step (it is the gradient's finiteness check).
+        """
         o = self.cfg.optim
         factor = lr_multiplier(step, o)
         set_lr(self._optimizers, self._base_lrs, factor)
         comm_before = self.comm.seconds
         t0 = time.perf_counter()
+        for saved, b in zip(self._saved_buffers, self._buffers, strict=True):
+            saved.copy_(b)
         feats = self.engine(normalize(images.to(self.device, non_blocking=True)))
         out = self.head(feats, center_index.to(self.device), step=step)
         t1 = time.perf_counter()
         self.engine.backward(out.loss)
-        # Checked after the backward is queued (no extra device sync before it) and before
-        # any optimizer moves a weight: a diverged step changes nothing.
-        loss = float(out.loss.detach())
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"step {step}: the loss is {loss} (chief {float(out.chief):.4g}, dsa "
-                f"{float(out.dsa):.4g}); the run diverged: lower optim.lr (now {o.lr}), add "
-                f"optim.warmup_steps or set optim.grad_clip")
+        # Every step, not only when clipping or logging: a NaN gradient applied once makes
+        # every later step and checkpoint NaN. One sync for loss and norm together, after
+        # the backward is queued and before any optimizer moves a weight.
+        sq_norm = self._grad_sq_norm()
+        loss_ok, norm_ok = (bool(v) for v in torch.stack(
+            [torch.isfinite(out.loss.detach().float()), torch.isfinite(sq_norm)]).cpu())
         t2 = time.perf_counter()
-        # The norm costs a pass over every gradient: only when clipping or logging it.
-        grad_norm = (self.clip_gradients(o.grad_clip) if o.grad_clip > 0 or want_grad_norm
-                     else float("nan"))
+        if not (loss_ok and norm_ok):
+            return self._skip(step, out, o.lr * factor, loss_ok,
+                              {"forward": t1 - t0, "backward": t2 - t1, "optimizer": 0.0,
+                               "communication": self.comm.seconds - comm_before})
+        self.consecutive_skipped = 0
+        grad_norm = float(sq_norm.sqrt())
+        if o.grad_clip > 0 and grad_norm > o.grad_clip:
+            self._scale_gradients(o.grad_clip / (grad_norm + 1e-6))
         self.engine.step()
         self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         return StepResult(out, o.lr * factor, grad_norm,
                           {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2,
-                           "communication": self.comm.seconds - comm_before})
+                           "communication": self.comm.seconds - comm_before},
+                          skipped_steps=self.skipped_steps)
+
+    def _skip(self, step: int, out: HeadOutput, lr: float, loss_ok: bool,
+              seconds: dict[str, float]) -> StepResult:
+        """Drop this step's gradients and buffer updates; raise once too many in a row."""
+        self.engine.zero_grad()  # DeepSpeed's: the module's gradients
+        opt = getattr(self.engine, "optimizer", None)
+        if opt is not None:  # DeepSpeed's wrapper may hold its own copies (bf16)
+            opt.zero_grad(set_to_none=True)
+        self.head_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for saved, b in zip(self._saved_buffers, self._buffers, strict=True):
+                b.copy_(saved)
+        self.skipped_steps += 1
+        self.consecutive_skipped += 1
+        if loss_ok:
+            nonfinite: tuple[str, ...] = ("grad_norm",)
+        else:
+            nonfinite = tuple(k for k in LOSS_TERMS if not math.isfinite(float(getattr(out, k))))
+            nonfinite = nonfinite or ("total",)
+        if self.consecutive_skipped > self.max_nonfinite_steps:
+            raise NonFiniteLossError(self._diverged_message(step, out, nonfinite))
+        return StepResult(out, lr, float("nan"), seconds, skipped=True,
+                          skipped_steps=self.skipped_steps, nonfinite=nonfinite)
+
+    def _diverged_message(self, step: int, out: HeadOutput, nonfinite: tuple[str, ...]) -> str:
+        o, t = self.cfg.optim, self.cfg.train
+        terms = ", ".join(f"{k} {float(getattr(out, k)):.4g}" for k in LOSS_TERMS)
+        if self.max_nonfinite_steps == 0:
+            why = ("the first one stops the run" if t.max_nonfinite_steps == 0 else
+                   f"train.zero_stage {t.zero_stage} cannot skip a step, only ZeRO 0 can")
+        else:
+            why = f"{self.consecutive_skipped} in a row, train.max_nonfinite_steps is " \
+                  f"{self.max_nonfinite_steps}"
+        tips = [f"lower optim.lr (now {o.lr})",
+                f"more optim.warmup_steps (now {o.warmup_steps})"]
+        if o.grad_clip == 0:
+            tips.append("set optim.grad_clip")
+        if t.precision != "fp32":
+            tips.append(f"train.precision=fp32 (now {t.precision})")
+        return (f"step {step}: not finite: {', '.join(nonfinite)} (loss "
+                f"{float(out.loss.detach()):.4g}: {terms}); the run diverged ({why}, "
+                f"{self.skipped_steps} skipped in all). The model was left at its last good "
+                f"state. Try: {'; '.join(tips)}")
+
+    def _grad_sq_norm(self) -> torch.Tensor:
+        """Squared global gradient norm over backbone and head rows (a collective; no sync).
+
+        Backbone gradients are identical on every rank after DeepSpeed's all-reduce (ZeRO
+        0); the head's row gradients are disjoint blocks, so their squares are summed over
+        ranks. Every rank gets the same value, so every rank skips the same steps. The
+        center update is not a gradient and is not counted.
+        """
+        bb = [p.grad for p in self.module.parameters() if p.grad is not None]
+        sq_head = self.head.grad_sq_norm()
+        if not bb:
+            return sq_head.float()
+        sq_bb = torch.nn.utils.get_total_norm(bb).float().square()
+        return sq_bb.to(sq_head.device) + sq_head.float()
+
+    def _scale_gradients(self, coef: float) -> None:
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        self.head.scale_grad_(coef)
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip the global gradient norm over backbone and head rows together; return it.
 
-        Backbone gradients are identical on every rank after DeepSpeed's all-reduce (ZeRO
-        0); the head's row gradients are disjoint blocks, so their squares are summed over
-        ranks. The center update is not a gradient and is not clipped.
+        The center update is not a gradient and is not clipped.
         """
-        bb = [p.grad for p in self.module.parameters() if p.grad is not None]
-        sq_bb = sum(g.float().square().sum() for g in bb) if bb else torch.zeros(())
-        sq_head = self.head.grad_sq_norm()
-        norm = float(torch.sqrt(sq_bb.to(sq_head.device) + sq_head))
+        norm = float(self._grad_sq_norm().sqrt())
         if max_norm > 0 and norm > max_norm:
-            coef = max_norm / (norm + 1e-6)
-            for g in bb:
-                g.mul_(coef)
-            self.head.scale_grad_(coef)
+            self._scale_gradients(max_norm / (norm + 1e-6))
         return norm
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -267,11 +268,17 @@ def train_func(config: dict) -> None:
             window["samples"] += global_batch
 
             losses = res.losses()
+            # A skipped step (non-finite loss or gradient) used up its number and batch but
+            # changed nothing; it is counted, and its loss gauges keep the last finite value.
             metrics.observe_step({"data_wait": data_wait, **res.seconds},
-                                 {k: v for k, v in losses.items() if v == v},
+                                 {k: v for k, v in losses.items() if math.isfinite(v)},
                                  w.loader.batch_size, lr=res.lr, lam=out.lam,
                                  active_hinge_fraction=float(out.active_fraction),
-                                 step=state.step)
+                                 step=state.step, skipped=res.skipped)
+            if res.skipped and w.rank == 0:
+                print(f"[seqface] step {step}: skipped, not finite: {', '.join(res.nonfinite)} "
+                      f"({trainer.consecutive_skipped} in a row, {res.skipped_steps} in all; "
+                      f"the run stops after {trainer.max_nonfinite_steps} in a row)", flush=True)
             report = None
             if log_now:
                 metrics.update_data_counters(_data_counters(w.loader.counters()))
@@ -282,6 +289,7 @@ def train_func(config: dict) -> None:
                           "chief_identity": float(out.chief_identity),
                           "dsa": float(out.dsa), "active_fraction": float(out.active_fraction),
                           "lr": res.lr, "lambda": out.lam, "grad_norm": res.grad_norm,
+                          "skipped_steps": res.skipped_steps,
                           "samples_per_second": rate, "samples_seen": state.samples_seen,
                           **where}
                 if vset is not None and (last or (cfg.eval.every_steps and
@@ -292,8 +300,9 @@ def train_func(config: dict) -> None:
             # Ray hears of the run only at checkpoints: each ray.train.report waits for the
             # controller's next poll (~2 s), too slow for every logged step.
             if state.step % cfg.train.checkpoint_every == 0 or last:
-                _checkpoint(report or {"step": state.step, **losses}, trainer, state, w.rank,
-                            dist, w.attempt, cfg if last else None)
+                _checkpoint(report or {"step": state.step, **losses,
+                                       "skipped_steps": res.skipped_steps}, trainer, state,
+                            w.rank, dist, w.attempt, cfg if last else None)
     finally:
         metrics.stop()
 
