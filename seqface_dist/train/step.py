@@ -154,14 +154,12 @@ class Trainer:
     def module(self) -> nn.Module:
         return self.engine.module
 
-    def step(self, images: torch.Tensor, center_index: torch.Tensor, step: int, *,
-             want_grad_norm: bool = False) -> StepResult:
+    def step(self, images: torch.Tensor, center_index: torch.Tensor, step: int) -> StepResult:
         """One optimisation step on this rank's batch (uint8 B x H x W x C images).
 
         A non-finite loss or gradient norm skips the step (``StepResult.skipped``); the
         ``train.max_nonfinite_steps + 1``-th skipped step in a row raises
-        :class:`NonFiniteLossError`. ``want_grad_norm`` is kept for callers: the norm is
-        now computed every step (it is the gradient's finiteness check).
+        :class:`NonFiniteLossError`.
         """
         o = self.cfg.optim
         factor = lr_multiplier(step, o)
@@ -261,16 +259,6 @@ class Trainer:
             if p.grad is not None:
                 p.grad.mul_(coef)
         self.head.scale_grad_(coef)
-
-    def clip_gradients(self, max_norm: float) -> float:
-        """Clip the global gradient norm over backbone and head rows together; return it.
-
-        The center update is not a gradient and is not clipped.
-        """
-        norm = float(self._grad_sq_norm().sqrt())
-        if max_norm > 0 and norm > max_norm:
-            self._scale_gradients(max_norm / (norm + 1e-6))
-        return norm
 
 
 def local_trainer(cfg: Config, num_identities: int, num_sequences: int,

@@ -260,7 +260,7 @@ def train_func(config: dict) -> None:
             step = state.step
             last = step + 1 >= o.max_steps
             log_now = (step + 1) % cfg.train.log_every == 0 or last
-            res = trainer.step(images, center_index, step, want_grad_norm=log_now)
+            res = trainer.step(images, center_index, step)
             out = res.out
             state.step += 1
             state.samples_seen += global_batch
