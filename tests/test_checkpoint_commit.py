@@ -97,3 +97,24 @@ def test_a_disk_that_fills_mid_upload_never_yields_a_complete_looking_checkpoint
     assert found.step == 10 and "000000020" in skipped[0]
     state = commit.read_committed(LOCAL, found.path)  # and it is still whole, hashes too
     assert {k: v for k, v in list_files(found.path).items() if k != STATE_FILE} == state.files
+
+
+def test_the_protocol_holds_on_s3_storage(tmp_path):
+    # The same commit, choice and prune through pyarrow's S3 filesystem (what Ray Train
+    # uploads with), against a real S3 HTTP server on loopback.
+    from seqface_dist.data.testing import local_s3
+
+    local = tmp_path / "rank-files"
+    files = {**_rank_files(local, 0, 3000), **_rank_files(local, 1, 3000)}
+    with local_s3("bucket"):
+        fs, run = commit.filesystem("s3://bucket/runs/r1")
+        for step, done in ((10, True), (20, False)):
+            dest = f"{run}/{commit.checkpoint_dir_name(step, '0123abcd')}"
+            pafs.copy_files(str(local), dest, source_filesystem=LOCAL, destination_filesystem=fs)
+            if done:
+                commit.commit(fs, dest, RunState(step=step, world_size=2, files=files))
+        found, skipped = commit.find_resumable(fs, run)
+        assert found.step == 10 and "no state.json" in skipped[0]
+        assert commit.read_committed(fs, found.path).files == files
+        commit.prune(fs, run, newest_committed_step=30, keep=1)  # as after a commit at 30
+        assert [c.step for c in commit.candidates(fs, run)] == [10]

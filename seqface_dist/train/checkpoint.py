@@ -52,6 +52,7 @@ class RunState:
     world_size: int = 1
     zero_stage: int = 0
     seed: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped so far (train.max_nonfinite_steps)
     head: dict[str, Any] = field(default_factory=dict)  # spec + label layout (with digests)
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> bytes, sha256

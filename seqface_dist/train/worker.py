@@ -197,6 +197,7 @@ def _resume(w: _Worker) -> None:
     # A partly read epoch is not replayed: its batches are drawn afresh.
     w.state.step, w.state.epoch, w.state.samples_seen = old.step, old.epoch + 1, \
         old.samples_seen
+    t.skipped_steps = old.skipped_steps
     if w.rank == 0:
         _append_history(w.cfg, {"event": "resumed", "step": w.state.step,
                                 "checkpoint": where})
@@ -360,7 +361,8 @@ def _checkpoint(report: dict, trainer: Trainer, state: RunState, rank: int, dist
         storage = ray.train.get_context().get_storage()
         fs, run_path = storage.storage_filesystem, storage.experiment_fs_path
         commit.commit(fs, f"{run_path}/{name}",
-                      replace(state, files=_merge_listings(listings)))
+                      replace(state, files=_merge_listings(listings),
+                              skipped_steps=trainer.skipped_steps))
         commit.prune(fs, run_path, state.step, trainer.cfg.train.keep_checkpoints)
 
 
