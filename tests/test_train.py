@@ -207,6 +207,28 @@ def test_resume_on_a_different_number_of_workers(shards, tmp_path, two_worker_ru
     assert start_b < start_a - 0.5 * (start_a - end_a), (start_a, end_a, start_b)
 
 
+def test_weights_only_resume_takes_the_backbone_onto_other_data(shards, tmp_path,
+                                                                two_worker_run):
+    # Other data (no sequence set: another label layout) is refused as a resume, and
+    # trained with the old backbone and a new head when only the weights are asked for.
+    _, first = two_worker_run
+    over = {"data__sequence_shards": [], "data__sequences_per_batch": 0,
+            "train__resume_from": first.checkpoint.path}
+    with pytest.raises(PreflightError, match="other data: 1 sequence sets in the checkpoint"):
+        preflight(config_from_dict(train_cfg(shards, tmp_path, "other", **over)))
+    cfg = config_from_dict(train_cfg(shards, tmp_path, "other", optim__max_steps=10,
+                                     train__resume_weights_only=True, **over))
+    run(cfg)
+    hist = history(cfg)
+    assert not any(r.get("event") == "resumed" for r in hist)  # a new run, from step 0
+    assert [r["step"] for r in hist] == list(range(2, 11, 2))
+    # The same 10 steps from a fresh backbone: the taken one starts better.
+    fresh = config_from_dict(train_cfg(shards, tmp_path, "fresh", optim__max_steps=10,
+                                       data__sequence_shards=[], data__sequences_per_batch=0))
+    run(fresh)
+    assert mean(hist, "chief") < mean(history(fresh), "chief"), (hist, history(fresh))
+
+
 def test_cli_train_refuses_a_bad_config_with_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss: {dsa_lambda: 3}\n")
