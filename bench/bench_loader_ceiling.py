@@ -1,12 +1,10 @@
-"""The loader against the decode bound: as shipped, without malloc tuning, without some work.
+"""The loader against the decode bound: as shipped, and without some of its work.
 
     .venv/bin/python bench/bench_loader_ceiling.py [--samples 4096] [--rounds 5]
 
 The local loader of ``bench_data.py`` (2 batch worker processes) against the 2-process decode
-bound, in rounds measured back to back, in four variants:
+bound, in rounds measured back to back, in three variants:
 - ``real``: as shipped;
-- ``real, glibc malloc defaults``: without the workers' malloc tuning
-  (``batchworkers._keep_freed_memory``);
 - ``pre-parsed``: every shard's samples (tar members, JSON and label checks) parsed into
   memory before the workers start, so tar and JSON cost nothing: the ceiling of any
   faster tar/JSON code;
@@ -27,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_data import SIZE, build_sets, decode_bound, loader_rate  # noqa: E402
 
-from seqface_dist.data import batchworkers, images, stream  # noqa: E402
+from seqface_dist.data import images, stream  # noqa: E402
 from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
 
 
@@ -48,20 +46,16 @@ def main() -> None:
             self.counters.shards += 1
             yield from parsed[ref.url]
 
-        keep_freed = batchworkers._keep_freed_memory
-        ratios: dict[str, list[float]] = {"real": [], "real, glibc malloc defaults": [],
-                                          "pre-parsed": [], "pre-parsed, no flip": []}
+        ratios: dict[str, list[float]] = {"real": [], "pre-parsed": [],
+                                          "pre-parsed, no flip": []}
         for r in range(args.rounds):
             bound = decode_bound(blobs, 2, images.decoder_name(), 2)
             for name in ratios:
                 stream.ShardReader.raw_samples = pre_parsed if "pre" in name else real
                 # The workers fork after this: they run the function set here.
-                batchworkers._keep_freed_memory = (
-                    (lambda: None) if "defaults" in name else keep_freed)
                 ratios[name].append(loader_rate(ids, seqs, 2, 2, flip="flip" not in name)[0]
                                     / bound)
             stream.ShardReader.raw_samples = real
-            batchworkers._keep_freed_memory = keep_freed
             print(f"round {r + 1}: decode bound {bound:6.0f} images/s; loader / bound: "
                   + ", ".join(f"{k} {v[-1]:.2f}" for k, v in ratios.items()), flush=True)
         print(f"median over {args.rounds} rounds: "

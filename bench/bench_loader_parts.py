@@ -28,8 +28,8 @@ from bench_data import SIZE, build_sets  # noqa: E402
 
 from seqface_dist.config import DataConfig  # noqa: E402
 from seqface_dist.data import images, tario  # noqa: E402
-from seqface_dist.data.batchworkers import _keep_freed_memory  # noqa: E402
-from seqface_dist.data.loader import augment_batch, make_train_loader  # noqa: E402
+from seqface_dist.data.augment import augment_batch  # noqa: E402
+from seqface_dist.data.loader import make_train_loader  # noqa: E402
 from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
 from seqface_dist.data.stream import ShardReader, kind_stream, shard_refs  # noqa: E402
 
@@ -48,12 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=4096, help="per kind")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--glibc-malloc-defaults", action="store_true",
-                    help="skip the batch workers' malloc tuning (to measure what it buys)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in a batch worker
-    if not args.glibc_malloc_defaults:
-        _keep_freed_memory()  # as in a batch worker
 
     with tempfile.TemporaryDirectory() as tmp:
         ids, seqs, blobs = build_sets(tmp, args.samples)
@@ -91,22 +87,7 @@ def main() -> None:
                 augment_batch(batch, [True] * 64, random.Random(0), 0)
             return 50 * 64
 
-        images_t = torch.from_numpy(batch)
-        rows_t = images_t.view(64, SIZE[0], SIZE[1] * 3)
-
-        def flip_bytes_torch() -> int:
-            for _ in range(50):
-                for i in range(64):
-                    rows_t[i] = rows_t[i].flip(1)
-            return 50 * 64
-
-        def flip_pixels_torch() -> int:  # the alternatives augment_batch is measured against
-            for _ in range(50):
-                for i in range(64):
-                    images_t[i] = images_t[i].flip(1)
-            return 50 * 64
-
-        def flip_pixels_numpy() -> int:
+        def flip_pixels_numpy() -> int:  # what augment_batch's torch flip is measured against
             for _ in range(5):
                 for i in range(64):
                     batch[i] = batch[i, :, ::-1]
@@ -127,14 +108,10 @@ def main() -> None:
                  "+ shuffle buffer, stream": cpu_per_item(stream, r),
                  "JPEG decode, tight loop": cpu_per_item(decode, r),
                  "flip, per mirrored image": cpu_per_item(flip, r),
-                 "  (row bytes, torch)": cpu_per_item(flip_bytes_torch, r),
-                 "  (pixel axis, torch)": cpu_per_item(flip_pixels_torch, r),
-                 "  (pixel axis, numpy)": cpu_per_item(flip_pixels_numpy, r)}
+                 "  (numpy pixel axis)": cpu_per_item(flip_pixels_numpy, r)}
         full = cpu_per_item(whole, r)
         for name, us in parts.items():
             print(f"{name:28s} {us:7.1f} us")
-        print("(flip: augment_batch reverses the bytes of each row of an image decoded as BGR, "
-              "as 8-byte words)")
         dec = parts["JPEG decode, tight loop"]
         print(f"{'whole worker loop':28s} {full:7.1f} us per sample: decode share "
               f"{dec / full:.2f}, {full - dec:.1f} us beyond the decode")

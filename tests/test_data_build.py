@@ -14,8 +14,8 @@ from PIL import Image
 
 from seqface_dist.data import build
 from seqface_dist.data.build import BuildOptions, build_identity_tree, build_sequence_tree
-from seqface_dist.data.loader import SampleStream
 from seqface_dist.data.manifest import PARTIAL_NAME, load_manifest, resolve_shard_set
+from seqface_dist.data.samples import SampleStream
 
 SIZE = (32, 24)  # height, width
 

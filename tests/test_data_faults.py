@@ -15,8 +15,9 @@ from seqface_dist.config import ConfigError, DataConfig
 from seqface_dist.data import s3, store, tario
 from seqface_dist.data.build import write_shard_set
 from seqface_dist.data.faults import ShardBudgetError
-from seqface_dist.data.loader import SampleStream, make_train_loader
+from seqface_dist.data.loader import make_train_loader
 from seqface_dist.data.manifest import resolve_shard_set
+from seqface_dist.data.samples import SampleStream
 from seqface_dist.data.stream import ReadOptions, ShardReader, shard_refs
 from seqface_dist.data.testing import FaultProxy, local_s3
 

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from seqface_dist.config import DataConfig
 from seqface_dist.data import s3, store
 from seqface_dist.data.build import BuildOptions, build_identity_tree, write_shard_set
-from seqface_dist.data.loader import SampleStream, make_train_loader
+from seqface_dist.data.loader import make_train_loader
 from seqface_dist.data.manifest import resolve_shard_set
+from seqface_dist.data.samples import SampleStream
 from seqface_dist.data.testing import CuttingProxy, local_s3
 from seqface_dist.data.verify import verify_shard_set
 

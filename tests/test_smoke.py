@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seqface_dist.cli import main
-from seqface_dist.data.loader import normalize
+from seqface_dist.data.normalize import normalize
 from seqface_dist.train.smoke import (
     SyntheticSpec,
     make_smoke_data,

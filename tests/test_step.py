@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqface_dist.data.loader import normalize
+from seqface_dist.data.normalize import normalize
 from seqface_dist.models import build_backbone
 from seqface_dist.parallel import Comm, HeadSpec, PartitionedHead
 from seqface_dist.train.schedule import lr_multiplier

@@ -69,7 +69,7 @@ def _committed_checkpoint(folder: Path, cfg, layout: dict) -> Path:
 
 
 def _layout(cfg) -> dict:
-    from seqface_dist.data.loader import make_layout, resolve_sets
+    from seqface_dist.data.layout import make_layout, resolve_sets
 
     return make_layout(resolve_sets(cfg.data.identity_shards, "identity"),
                        resolve_sets(cfg.data.sequence_shards, "sequence")).to_dict()

@@ -6,7 +6,7 @@ descriptor passed over a socket: with 64 x 112 x 112 x 3 uint8 batches that caps
 workers that do nothing else at ~16k samples/s and costs the main process ~24 us of CPU
 per sample, against ~120k and ~5 us through slots (``bench/bench_handoff.py``; decoding
 alone is ~130 us per sample). Here each worker gets a few slots in shared tensors made
-before the workers start: it fills a free slot's images and centers, writes its counters,
+before the workers start: it fills a free slot's images and center indices, writes its counters,
 records the slot as its next batch and posts a semaphore. Nothing is pickled per batch.
 
 The main process takes each worker's batches in order and lends the slot itself to the
@@ -33,7 +33,7 @@ import torch
 
 
 class BatchRing:
-    """``slots`` batches of ``shape`` uint8 images and ``shape[0]`` int64 centers for each of
+    """``slots`` batches of ``shape`` uint8 images and ``shape[0]`` int64 center indices for each of
     ``workers`` workers, and a row of ``stats_width`` int64 counters per worker."""
 
     def __init__(self, workers: int, slots: int, shape: tuple[int, ...], lend: int = 2,
@@ -44,7 +44,8 @@ class BatchRing:
                              f"workers={workers}, slots={slots}, lend={lend}")
         self.slots, self.lend, self.ctx = slots, lend, ctx
         self.images = torch.empty((workers, slots, *shape), dtype=torch.uint8).share_memory_()
-        self.centers = torch.empty((workers, slots, shape[0]), dtype=torch.int64).share_memory_()
+        self.center_index = torch.empty((workers, slots, shape[0]),
+                                        dtype=torch.int64).share_memory_()
         self.busy = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()
         self.order = torch.zeros((workers, slots), dtype=torch.int64).share_memory_()
         self.stats = torch.zeros((workers, stats_width), dtype=torch.int64).share_memory_()
@@ -58,14 +59,14 @@ class BatchRing:
 
     def claim(self, worker: int, timeout: float | None = None
               ) -> tuple[int, np.ndarray, np.ndarray] | None:
-        """(a free slot, now busy; its writable B x H x W x C images; its B centers), or None
+        """(a free slot, now busy; its writable B x H x W x C images; its B center indices), or None
         when the main process has stopped reading or ``timeout`` seconds passed."""
         if not self.free[worker].acquire(timeout=timeout) or self.stopping[0]:
             return None  # else at least one of this worker's slots is free
         busy = self.busy[worker].numpy()
         slot = int(np.flatnonzero(busy == 0)[0])
         busy[slot] = 1
-        return slot, self.images[worker, slot].numpy(), self.centers[worker, slot].numpy()
+        return slot, self.images[worker, slot].numpy(), self.center_index[worker, slot].numpy()
 
     def publish(self, worker: int, batch: int, slot: int, stats: list[int] | None = None) -> None:
         """Hand the worker's ``batch``-th batch (0, 1, ...), filled in ``slot``, to the main
@@ -86,19 +87,19 @@ class BatchRing:
         return int(self.order[worker, k % self.slots])
 
     def take(self, worker: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, centers) of the batch in ``slot``: images lent or copied (see the module
-        doc), centers always copied (they are small)."""
-        centers = torch.from_numpy(self.centers[worker, slot].numpy().copy())
+        """(images, center_index) of the batch in ``slot``: images lent or copied (see the
+        module doc), the indices always copied (they are small)."""
+        index = torch.from_numpy(self.center_index[worker, slot].numpy().copy())
         # A fresh numpy view per batch: the tensor's storage, and so every view of it,
         # keeps this object alive; its finalizer frees the slot when the last one is gone.
         batch = self.images[worker, slot].numpy()
         if self._lent[worker] < self.lend:
             self._lent[worker] += 1
             weakref.finalize(batch, self._returned, worker, slot).atexit = False
-            return torch.from_numpy(batch), centers
+            return torch.from_numpy(batch), index
         images = torch.from_numpy(batch.copy())
         self._release(worker, slot)
-        return images, centers
+        return images, index
 
     def _release(self, worker: int, slot: int) -> None:
         self.busy[worker, slot] = 0  # before the semaphore (a barrier): the worker sees it

@@ -15,7 +15,6 @@ one intra-op thread.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import traceback
@@ -25,12 +24,10 @@ import torch
 
 from seqface_dist.data.batchring import BatchRing
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 POLL_S = 0.5  # how often a waiting side looks whether the other one is still there
 
 # make(worker, claim, publish): makes the worker's batches; claim() -> (slot, images,
-# centers) or None (stop); publish(slot, stats) after filling one, with the worker's
+# center indices) or None (stop); publish(slot, stats) after filling one, with the worker's
 # counters (a list of ints for ``BatchRing.stats``). Must be picklable by reference
 # (a module-level function or a functools.partial of one) for non-fork start methods.
 MakeBatches = Callable[[int, Callable, Callable], None]
@@ -40,29 +37,9 @@ class WorkerError(RuntimeError):
     """A batch worker failed; the message holds its traceback."""
 
 
-def _keep_freed_memory() -> None:
-    """Tell glibc's malloc to keep freed memory for reuse instead of returning it.
-
-    A worker allocates and frees a 1 MB read buffer per MB of shard and a ~6 kB bytes object
-    per JPEG, ~1,000 of them alive in the shuffle buffer. By default glibc serves the 1 MB
-    buffers with fresh mmaps and trims the heap top when it frees: every reuse then costs
-    page faults, which on a VM cost microseconds each (``bench/bench_loader_parts.py`` with
-    and without ``--glibc-malloc-defaults``; figures in ``bench/RESULTS.md``). The cost is
-    a heap that stays at its high-water mark: with ``bench_data.py``'s shards a worker's
-    private memory (USS) was ~18 MB. A no-op where glibc is not the C library."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-    libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-    libc.mallopt(_M_TOP_PAD, 64 << 20)
-
-
 def _worker_main(make: MakeBatches, ring: BatchRing, worker: int, errors, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)  # workers decode; intra-op threads would only contend
-    _keep_freed_memory()
     made = 0  # batches published so far
 
     def claim():

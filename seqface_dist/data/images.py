@@ -33,8 +33,8 @@ def decoder_name() -> str:
 
 
 def decode_jpeg(data: bytes, channels: int, decoder: str | None = None,
-                out: np.ndarray | None = None, bgr: bool = False) -> np.ndarray:
-    """JPEG bytes -> uint8 array H x W x channels (1 or 3; BGR order with ``bgr``).
+                out: np.ndarray | None = None) -> np.ndarray:
+    """JPEG bytes -> uint8 array H x W x channels (1 or 3, RGB).
     Raises ImageError.
 
     With ``out`` (a writable uint8 array), simplejpeg decodes into its memory: no new array
@@ -43,14 +43,14 @@ def decode_jpeg(data: bytes, channels: int, decoder: str | None = None,
     decoder = decoder or decoder_name()
     try:
         if decoder == "simplejpeg":
-            space = "GRAY" if channels == 1 else "BGR" if bgr else "RGB"
+            space = "GRAY" if channels == 1 else "RGB"
             return _sj.decode_jpeg(data, colorspace=space, fastdct=False, fastupsample=False,
                                    buffer=out)
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG":
                 raise ImageError(f"not a JPEG ({im.format})")
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-        arr = arr[:, :, None] if channels == 1 else arr[:, :, ::-1] if bgr else arr
+        arr = arr[:, :, None] if channels == 1 else arr
         if out is not None and arr.shape == out.shape:
             out[...] = arr
             return out

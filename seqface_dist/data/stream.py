@@ -209,11 +209,11 @@ class ShardReader:
             return None
         return ref.center_offset + index, sample["jpg"], key
 
-    def decode(self, ref_url: str, jpg: bytes, key: str, out: np.ndarray | None = None,
-               bgr: bool = False) -> np.ndarray | None:
+    def decode(self, ref_url: str, jpg: bytes, key: str,
+               out: np.ndarray | None = None) -> np.ndarray | None:
         """The image (in ``out`` when given, see ``images.decode_jpeg``), or None: counted."""
         try:
-            img = images.decode_jpeg(jpg, self.channels, self.decoder, out, bgr)
+            img = images.decode_jpeg(jpg, self.channels, self.decoder, out)
         except images.ImageError as e:
             self._problem(ref_url, "bad_jpeg", f"{key}: {e}")
             return None

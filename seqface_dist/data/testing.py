@@ -47,6 +47,9 @@ def local_s3(*buckets: str) -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        from seqface_dist.data import s3
+
+        s3.configure("")  # a loader may have made this server the process's default
         server.stop()
 
 

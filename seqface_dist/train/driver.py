@@ -83,7 +83,7 @@ def preflight(cfg: Config) -> Preflight:
     """Check everything a run needs before any worker starts."""
     cfg.validate()
     resolve_paths(cfg)
-    from seqface_dist.data.loader import make_layout, resolve_sets
+    from seqface_dist.data.layout import make_layout, resolve_sets
 
     d = cfg.data
     if d.identities_per_batch and not d.identity_shards:
