@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from seqface_dist.config import config_from_dict  # noqa: E402
+from seqface_dist.config import load_named  # noqa: E402
 from seqface_dist.data.mnist import write_mnist_shards  # noqa: E402
 from seqface_dist.metrics import sd_path  # noqa: E402
 from seqface_dist.train.driver import local_ray, run  # noqa: E402
@@ -52,20 +52,14 @@ def build_shards(out: Path) -> None:
 
 
 def make_cfg(shards: Path, storage: Path, name: str, steps: int, metrics: bool, sd_dir: Path):
-    return config_from_dict({
-        "model": {"backbone": "tiny", "embedding_dim": 32, "input_size": [28, 28],
-                  "in_channels": 1},
-        "loss": {"scale": 16.0, "dsa_p": 0.3},
-        "data": {"identity_shards": [str(shards / "ids")],
-                 "sequence_shards": [str(shards / "seqs")],
-                 "identities_per_batch": 16, "sequences_per_batch": 16, "num_workers": 1,
-                 "shuffle_buffer": 100},
-        "optim": {"lr": 0.05, "max_steps": steps, "milestones": [1_000_000]},
-        "train": {"run_name": name, "storage_path": str(storage), "num_workers": 2,
-                  "log_every": LOG_EVERY, "checkpoint_every": 1_000_000, "max_failures": 0},
-        "metrics": {"enabled": metrics,
-                    "service_discovery_dir": str(sd_dir) if metrics else ""},
-    })
+    """The tests' named base (configs/mnist-tiny.yaml) with this bench's run length."""
+    return load_named("mnist-tiny", [
+        f"data.identity_shards=[{shards / 'ids'}]", f"data.sequence_shards=[{shards / 'seqs'}]",
+        f"optim.max_steps={steps}", "optim.milestones=[1000000]",
+        f"train.run_name={name}", f"train.storage_path={storage}",
+        f"train.log_every={LOG_EVERY}", "train.checkpoint_every=1000000",
+        f"metrics.enabled={str(metrics).lower()}",
+        f"metrics.service_discovery_dir={sd_dir if metrics else ''}"])
 
 
 def scrape_loop(sd_file: Path, interval: float, stop: threading.Event, count: list) -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 from prom_util import require
-
-from seqface_dist.metrics import EXPORTED_METRIC_NAMES
-from seqface_dist.metrics.promql import (
+from promql_util import (
     dashboard_queries,
     dashboard_variable_queries,
     metric_names_in_promql,
 )
+
+from seqface_dist.metrics import EXPORTED_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER, LAUNCH = ROOT / "cluster", ROOT / "launch"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from prom_util import start_prometheus
+from promql_util import dashboard_queries, metric_names_in_promql
 
 from seqface_dist.metrics import (
     CUDA_ONLY_METRIC_NAMES,
@@ -25,7 +26,6 @@ from seqface_dist.metrics import (
     sd_path,
     target_address,
 )
-from seqface_dist.metrics.promql import dashboard_queries, metric_names_in_promql
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 40.0

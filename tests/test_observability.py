@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prom_util import start_prometheus
+from promql_util import dashboard_queries, metric_names_in_promql
 from train_util import train_cfg
 
 from seqface_dist.config import config_from_dict
 from seqface_dist.data.mnist import write_mnist_shards
 from seqface_dist.metrics import CUDA_ONLY_METRIC_NAMES, LOSS_TERMS, sd_path
-from seqface_dist.metrics.promql import dashboard_queries, metric_names_in_promql
 from seqface_dist.train.driver import local_ray, run
 from seqface_dist.train.worker import history_path
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seqface_dist.config import load_named
 from seqface_dist.data.mnist import write_mnist_shards
 from seqface_dist.train.worker import history_path
 
@@ -18,23 +19,14 @@ def build_mnist_shards(out: Path) -> Path:
 
 
 def train_cfg(shards: Path, storage: Path, name: str, **over) -> dict:
-    """A tiny 2-worker run on ``shards``; ``section__key=value`` overrides."""
-    d = {
-        "model": {"backbone": "tiny", "embedding_dim": 32, "input_size": [28, 28],
-                  "in_channels": 1},
-        "loss": {"scale": 16.0, "dsa_p": 0.3},
-        "data": {"identity_shards": [str(shards / "ids")],
-                 "sequence_shards": [str(shards / "seqs")],
-                 "identities_per_batch": 16, "sequences_per_batch": 16, "num_workers": 1,
-                 "shuffle_buffer": 100},
-        "optim": {"lr": 0.05, "max_steps": 40, "milestones": [1000]},
-        "train": {"run_name": name, "storage_path": str(storage), "num_workers": 2,
-                  "log_every": 2, "checkpoint_every": 10, "max_failures": 0},
-        "metrics": {"enabled": False},
-    }
+    """The named base ``mnist-tiny`` on ``shards``; ``section__key=value`` overrides."""
+    d = load_named("mnist-tiny").to_dict()
+    d["data"].update(identity_shards=[str(shards / "ids")],
+                     sequence_shards=[str(shards / "seqs")])
+    d["train"].update(run_name=name, storage_path=str(storage))
     for key, value in over.items():
         section, field = key.split("__")
-        d.setdefault(section, {})[field] = value
+        d[section][field] = value
     return d
 
 

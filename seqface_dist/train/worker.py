@@ -67,7 +67,7 @@ def ds_config(cfg: Config, micro_batch: int) -> dict:
 
 
 class _Batches:
-    """Endless (images, centers) from the loader, counting epochs as they roll over."""
+    """Endless (images, center_index) from the loader, counting epochs as they roll over."""
 
     def __init__(self, loader, epoch: int):
         self.loader, self.epoch = loader, epoch
