@@ -26,7 +26,8 @@ def test_bench_data_prints_every_round_and_the_medians():
     rounds = re.findall(r"round \d: decode bound\s+(\d+) images/s .*loader local\s+(\d+) "
                         r"\(main process (\S+) cores, workers (\S+)\), S3\s+(\d+) samples/s", out)
     assert len(rounds) == 2 and all(float(x) > 0 for r in rounds for x in r), out
-    med = re.findall(r"local / decode bound = (\S+) .* S3 / local = (\S+) ", out)
+    med = re.findall(r"local / decode bound = (\S+) .* S3 / local = (\S+) .* ours / "
+                     r"webdataset pipeline = (\S+) ", out)
     assert len(med) == 1 and all(float(x) > 0 for x in med[0]), out
 
 
