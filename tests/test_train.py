@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from train_util import history, mean, train_cfg
+from train_util import history, mean, run_while_watching, train_cfg
 
 from seqface_dist.config import ConfigError, config_from_dict, load_config
 from seqface_dist.train.checkpoint import check_complete
@@ -165,15 +165,7 @@ def _kill_rank1_after_a_checkpoint(cfg, killed: list, stop: threading.Event):
 def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path, own_ray):
     cfg = config_from_dict(train_cfg(shards, tmp_path, "fault", optim__max_steps=60,
                                      train__max_failures=2, train__checkpoint_every=10))
-    killed: list = []
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_rank1_after_a_checkpoint,
-                              args=(cfg, killed, stop), daemon=True)
-    killer.start()
-    try:
-        result = run(cfg)
-    finally:
-        stop.set()
+    result, killed = run_while_watching(cfg, _kill_rank1_after_a_checkpoint)
     assert killed, "no worker was killed"
     (pid, step_at_kill), = killed
     hist = history(cfg)

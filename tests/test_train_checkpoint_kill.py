@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from train_util import history, train_cfg
+from train_util import history, run_while_watching, train_cfg
 
 from seqface_dist.config import config_from_dict
 from seqface_dist.train import commit
 from seqface_dist.train.checkpoint import check_complete
-from seqface_dist.train.driver import local_ray, run
+from seqface_dist.train.driver import local_ray
 from seqface_dist.train.worker import FAULT_PAUSE_BEFORE_COMMIT, history_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # starts Ray: the slow tier
@@ -53,18 +53,10 @@ def test_a_rank_killed_during_a_checkpoint_write_resumes_from_the_last_commit(sh
     cfg = config_from_dict(train_cfg(shards, tmp_path, "mid", optim__max_steps=40,
                                      train__max_failures=1, train__checkpoint_every=10,
                                      train__keep_checkpoints=2))
-    killed: list = []
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_rank1_mid_checkpoint, args=(cfg, killed, stop),
-                              daemon=True)
     with local_ray(num_cpus=2, env_vars={"DS_ACCELERATOR": "cpu",
                                          FAULT_PAUSE_BEFORE_COMMIT: "4"},
                    object_store_memory=256 << 20):
-        killer.start()
-        try:
-            result = run(cfg)
-        finally:
-            stop.set()
+        result, killed = run_while_watching(cfg, _kill_rank1_mid_checkpoint)
     assert killed, "no rank was killed mid-checkpoint"
     (pid, half_written), = killed
     half_step = int(half_written.split("-")[1])

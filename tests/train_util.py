@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +38,17 @@ def history(cfg) -> list[dict]:
 
 def mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
+
+
+def run_while_watching(cfg, watch) -> tuple[object, list]:
+    """``run(cfg)`` while ``watch(cfg, killed, stop)`` runs in a thread (it appends what it
+    killed to ``killed`` and returns once ``stop`` is set); returns (result, killed)."""
+    from seqface_dist.train.driver import run
+
+    killed: list = []
+    stop = threading.Event()
+    threading.Thread(target=watch, args=(cfg, killed, stop), daemon=True).start()
+    try:
+        return run(cfg), killed
+    finally:
+        stop.set()
