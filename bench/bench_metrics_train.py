@@ -36,7 +36,7 @@ from seqface_dist.config import load_named  # noqa: E402
 from seqface_dist.data.mnist import write_mnist_shards  # noqa: E402
 from seqface_dist.metrics import sd_path  # noqa: E402
 from seqface_dist.train.driver import local_ray, run  # noqa: E402
-from seqface_dist.train.worker import history_path  # noqa: E402
+from seqface_dist.train.history import history_path  # noqa: E402
 
 LOG_EVERY = 10
 

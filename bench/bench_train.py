@@ -147,7 +147,7 @@ def run_bare(cfg_dict: dict, warmup: int, predecoded: bool) -> dict:
 
 def run_stack(cfg_dict: dict, warmup: int) -> dict:
     from seqface_dist.train.driver import run
-    from seqface_dist.train.worker import history_path
+    from seqface_dist.train.history import history_path
 
     cfg = config_from_dict(cfg_dict)
     run(cfg)

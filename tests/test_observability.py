@@ -33,7 +33,7 @@ from seqface_dist.config import config_from_dict
 from seqface_dist.data.mnist import write_mnist_shards
 from seqface_dist.metrics import CUDA_ONLY_METRIC_NAMES, LOSS_TERMS, sd_path
 from seqface_dist.train.driver import local_ray, run
-from seqface_dist.train.worker import history_path
+from seqface_dist.train.history import history_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "obs"

@@ -23,7 +23,7 @@ from train_util import history, mean, run_while_watching, train_cfg
 from seqface_dist.config import ConfigError, config_from_dict, load_config
 from seqface_dist.train.checkpoint import check_complete
 from seqface_dist.train.driver import PreflightError, local_ray, preflight, run
-from seqface_dist.train.worker import history_path
+from seqface_dist.train.history import history_path, latest_attempt_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # starts Ray: the slow tier
 VENV_BIN = Path(sys.executable).parent
@@ -177,6 +177,10 @@ def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path, own_ray):
     after = [r["step"] for r in hist[hist.index(resumed[0]) + 1:]]
     assert after == list(range(back_to + 2, 61, 2))
     assert pid not in hist[-1]["pids"]  # a new process took rank 1's place
+    # Every line names its attempt; the steps redone after the restart count once.
+    before, again = hist[0]["attempt"], resumed[0]["attempt"]
+    assert before != again and hist[-1]["attempt"] == again
+    assert [r["step"] for r in latest_attempt_rows(hist)] == list(range(2, 61, 2))
     # Samples are counted from the checkpoint on: nothing after it is claimed done.
     assert hist[-1]["samples_seen"] == 60 * 32 * 2
     assert check_complete(result.checkpoint.path).step == 60

@@ -21,7 +21,8 @@ from seqface_dist.config import config_from_dict
 from seqface_dist.train import commit
 from seqface_dist.train.checkpoint import check_complete
 from seqface_dist.train.driver import local_ray
-from seqface_dist.train.worker import FAULT_PAUSE_BEFORE_COMMIT, history_path
+from seqface_dist.train.history import history_path
+from seqface_dist.train.worker import FAULT_PAUSE_BEFORE_COMMIT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # starts Ray: the slow tier
 

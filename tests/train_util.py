@@ -10,7 +10,7 @@ import numpy as np
 
 from seqface_dist.config import load_named
 from seqface_dist.data.mnist import write_mnist_shards
-from seqface_dist.train.worker import history_path
+from seqface_dist.train.history import history_path
 
 
 def build_mnist_shards(out: Path) -> Path:

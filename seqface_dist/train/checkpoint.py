@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,9 @@ def load_checkpoint(directory: str | Path, *, engine, head, head_optimizer, rank
     same_world = state.world_size == world_size
     module_only = weights_only or (not same_world and state.zero_stage > 0)
     if module_only and not weights_only and rank == 0:
-        print(f"[seqface] resuming ZeRO-{state.zero_stage} state of {state.world_size} ranks "
-              f"on {world_size}: backbone weights load, its optimizer state restarts")
+        logging.getLogger("seqface").info(
+            "[seqface] resuming ZeRO-%d state of %d ranks on %d: backbone weights load, its "
+            "optimizer state restarts", state.zero_stage, state.world_size, world_size)
     try:
         path, _ = engine.load_checkpoint(
             str(directory / ENGINE_DIR), tag=ENGINE_TAG, load_module_only=module_only,

@@ -4,6 +4,7 @@
     seqface train --config F [--resume-from URI [--resume-weights-only]] [--address ADDR]
                   [section.key=value ...]
     seqface demo [--out demo-out] [--steps 1200] [--workers 2] [--compare]
+    seqface plot RUN [--out curves.png]
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(handler=_train)
+
+    p = sub.add_parser("plot", help="a run's loss, lr, accuracy and throughput curves (PNG)")
+    p.add_argument("run", help="a run folder or its history.jsonl (local or s3://)")
+    p.add_argument("--out", default=None,
+                   help="PNG to write (default: curves.png in the run folder)")
+    p.set_defaults(handler=_plot)
 
     p = sub.add_parser("smoke", help="single-process smoke training on synthetic data")
     p.add_argument("--config", default=None,
@@ -70,6 +77,17 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     print(f"seqface train: done at step {result.metrics.get('step')}; "
           f"latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from seqface_dist.train.plot import plot_run
+
+    try:
+        print(f"seqface plot: wrote {plot_run(args.run, args.out)}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"seqface plot: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,7 +14,6 @@ averages the backbone gradients over R ranks, so the gather scales that gradient
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,19 +21,21 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 
 from seqface_dist.config import Config, config_from_dict
 from seqface_dist.data.loader import TrainLoader, make_train_loader
 from seqface_dist.train.checkpoint import RunState
+from seqface_dist.train.history import History
 from seqface_dist.train.step import (
     Trainer,
     backbone_optimizer,
     build_head,
     resolve_sequence_weight,
 )
+
+log = logging.getLogger("seqface")
 
 # Seconds every rank waits between its upload and the commit; only for fault injection.
 FAULT_PAUSE_BEFORE_COMMIT = "SEQFACE_FAULT_PAUSE_BEFORE_COMMIT_S"
@@ -95,6 +96,7 @@ class _Worker:
     trainer: Trainer
     state: RunState
     attempt: str  # this worker group's token in its checkpoints' folder names
+    history: History | None = None  # rank 0's
 
 
 def deepspeed_trainer(cfg: Config, micro_batch: int, num_identities: int,
@@ -145,14 +147,18 @@ def _build(cfg: Config) -> _Worker:
                                       layout.num_sequences, world=world, device=device,
                                       sequence_weight=seq_weight)
     if rank == 0 and cfg.data.sequences_per_batch:
-        print(f"[seqface] sequences: loss.sequence_mode {cfg.loss.sequence_mode}, "
-              f"sequence weight {seq_weight:.3g} ({images['seq']:,} sequence and "
-              f"{images['id']:,} identity images)", flush=True)
+        _say(f"sequences: loss.sequence_mode {cfg.loss.sequence_mode}, "
+             f"sequence weight {seq_weight:.3g} ({images['seq']:,} sequence and "
+             f"{images['id']:,} identity images)")
     state = RunState(world_size=world, zero_stage=cfg.train.zero_stage, seed=cfg.train.seed,
                      head={"spec": spec, "layout": layout.to_dict()}, config=cfg.to_dict())
     attempt = [uuid.uuid4().hex[:8]]
     dist.broadcast_object_list(attempt, src=0)
-    return _Worker(cfg, rank, world, loader, trainer, state, attempt[0])
+    history = None
+    if rank == 0:
+        storage = ctx.get_storage()
+        history = History(storage.storage_filesystem, storage.experiment_fs_path, attempt[0])
+    return _Worker(cfg, rank, world, loader, trainer, state, attempt[0], history)
 
 
 def _resume(w: _Worker) -> None:
@@ -170,7 +176,7 @@ def _resume(w: _Worker) -> None:
         found, skipped = commit.find_resumable(storage.storage_filesystem,
                                                storage.experiment_fs_path)
         for why in skipped:
-            print(f"[seqface] skipping an incomplete checkpoint: {why}", flush=True)
+            _say(f"skipping an incomplete checkpoint: {why}")
         if found is not None:
             choice[0] = ("run", found.path)
         elif w.cfg.train.resume_from:
@@ -191,17 +197,16 @@ def _resume(w: _Worker) -> None:
                               data_layout=w.state.head["layout"])
     if weights_only:
         if w.rank == 0:
-            print(f"[seqface] backbone weights from {where} (step {old.step}); a new head and "
-                  "schedule start at step 0", flush=True)
+            _say(f"backbone weights from {where} (step {old.step}); a new head and "
+                 "schedule start at step 0")
         return
     # A partly read epoch is not replayed: its batches are drawn afresh.
     w.state.step, w.state.epoch, w.state.samples_seen = old.step, old.epoch + 1, \
         old.samples_seen
     t.skipped_steps = old.skipped_steps
     if w.rank == 0:
-        _append_history(w.cfg, {"event": "resumed", "step": w.state.step,
-                                "checkpoint": where})
-        print(f"[seqface] resumed at step {w.state.step} from {where}", flush=True)
+        w.history.append({"event": "resumed", "step": w.state.step, "checkpoint": where})
+        _say(f"resumed at step {w.state.step} from {where}")
 
 
 def _start_metrics(w: _Worker):
@@ -237,8 +242,7 @@ def train_func(config: dict) -> None:
     import torch.distributed as dist
 
     cfg = config_from_dict(config["cfg"])
-    # Ray Train logs every report at INFO; our own progress line says it once.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_report_lines()
     w = _build(cfg)
     _resume(w)
     where = _where(w)
@@ -277,9 +281,9 @@ def train_func(config: dict) -> None:
                                  active_hinge_fraction=float(out.active_fraction),
                                  step=state.step, skipped=res.skipped)
             if res.skipped and w.rank == 0:
-                print(f"[seqface] step {step}: skipped, not finite: {', '.join(res.nonfinite)} "
-                      f"({trainer.consecutive_skipped} in a row, {res.skipped_steps} in all; "
-                      f"the run stops after {trainer.max_nonfinite_steps} in a row)", flush=True)
+                _say(f"step {step}: skipped, not finite: {', '.join(res.nonfinite)} "
+                     f"({trainer.consecutive_skipped} in a row, {res.skipped_steps} in all; "
+                     f"the run stops after {trainer.max_nonfinite_steps} in a row)")
             report = None
             if log_now:
                 metrics.update_data_counters(_data_counters(w.loader.counters()))
@@ -297,23 +301,43 @@ def train_func(config: dict) -> None:
                                              state.step % cfg.eval.every_steps == 0)):
                     report.update(_evaluate(trainer.module, vset, cfg, state.step, metrics))
                 if w.rank == 0:
-                    _log(cfg, report)
+                    _log(w.history, report)
             # Ray hears of the run only at checkpoints: each ray.train.report waits for the
             # controller's next poll (~2 s), too slow for every logged step.
             if state.step % cfg.train.checkpoint_every == 0 or last:
                 _checkpoint(report or {"step": state.step, **losses,
                                        "skipped_steps": res.skipped_steps}, trainer, state,
                             w.rank, dist, w.attempt, cfg if last else None)
+                if w.history is not None:
+                    w.history.sync()
     finally:
         metrics.stop()
+        if w.history is not None:
+            w.history.sync()
 
 
-def _log(cfg: Config, report: dict) -> None:
+def _log(history: History, report: dict) -> None:
     """Rank 0: one history line and one progress line per logged step."""
-    _append_history(cfg, report)
-    print("[seqface] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in report.items() if k not in ("node_ids", "pids")),
-          flush=True)
+    history.append(report)
+    _say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in report.items() if k not in ("node_ids", "pids")))
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every report's whole metrics dict, per rank, through a logger
+    named by its file's path (outside ``ray.train``, so its log level does not reach it);
+    our progress line already says each step once."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _say(message: str) -> None:
+    """One progress line. Through logging, not print: Ray Train's workers tee print() to
+    stdout and to the root logger, and the driver showed every line twice."""
+    log.info("[seqface] %s", message)
 
 
 def _evaluate(model, vset, cfg: Config, step: int, metrics) -> dict:
@@ -323,8 +347,7 @@ def _evaluate(model, vset, cfg: Config, step: int, metrics) -> dict:
     res = evaluate_model(model, vset, flip=cfg.eval.flip_test, progress=False)
     metrics.set_eval(vset.name, step, accuracy=res.accuracy,
                      tar_at_far={t.far_target: t.tar for t in res.tar_at_far})
-    print(f"[seqface] eval {vset.name} at step {step}: " + res.summary().replace("\n", "; "),
-          flush=True)
+    _say(f"eval {vset.name} at step {step}: " + res.summary().replace("\n", "; "))
     return {f"eval_{k}": float(v) for k, v in res.metrics().items()}
 
 
@@ -376,22 +399,6 @@ def _merge_listings(listings: list[dict]) -> dict:
                                    f"(rank {rank} and an earlier one)")
             merged[rel] = info
     return merged
-
-
-def history_path(cfg: Config) -> Path | None:
-    """Rank 0's log of every reported step, one JSON object a line (local storage only)."""
-    if cfg.train.storage_path.startswith("s3://"):
-        return None
-    return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.run_name / \
-        "history.jsonl"
-
-
-def _append_history(cfg: Config, report: dict) -> None:
-    path = history_path(cfg)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(report) + "\n")
 
 
 def _data_counters(c: dict) -> dict:
