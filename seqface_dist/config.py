@@ -112,7 +112,11 @@ class LossConfig:
     weight_renorm: bool = False  # the reference renormalises W's rows in place every forward
     center_init: str = "zeros"  # zeros | xavier (the reference net's filler)
     reference_margin_grad: bool = False  # the Caffe layer's rescaled (not true) gradient
-    sampled_softmax_fraction: float = 1.0  # Partial-FC style, (0, 1]; 1.0 = full softmax
+    # Sampled softmax (Partial FC's idea), (0, 1]: per step and rank, the batch's positive
+    # rows of W plus uniform negatives up to this share of the rank's rows (sequence rows
+    # too, in the modes that have them); only those rows are computed and updated.
+    # 1.0 = the full softmax.
+    sampled_softmax_fraction: float = 1.0
     # DSA auxiliary loss (DESIGN.md §2.2).
     dsa_lambda: float = 0.5  # [0, 1]: pull share lambda, push share 1 - lambda
     dsa_alpha: float = 2.0  # >= 1
@@ -146,9 +150,7 @@ class LossConfig:
         _range(self, p, "sampled_softmax_fraction", 0, 1, lo_open=True)
         _range(self, p, "dsa_normalize_scale", 0)
         # Refused here, not after Ray starts: the partitioned head (the one training path)
-        # implements neither. The dense oracle in seqface_dist.losses keeps the second.
-        _check(self.sampled_softmax_fraction == 1.0, f"{p}.sampled_softmax_fraction",
-               "the sampled (Partial-FC) softmax is not implemented yet; use 1.0")
+        # does not implement it. The dense oracle in seqface_dist.losses keeps it.
         _check(self.dsa_normalize_scale == 0, f"{p}.dsa_normalize_scale",
                "the partitioned head supports raw features only (0, the reference)")
         _range(self, p, "dsa_lambda", 0, 1)

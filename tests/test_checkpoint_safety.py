@@ -65,11 +65,15 @@ def _flat(trainer) -> torch.Tensor:
 
 
 def _save(trainer, spec, out: Path, rank: int, world: int, stage: int) -> None:
-    """What the worker does, minus Ray: every rank writes, rank 0 commits the listing."""
+    """What the worker does, minus Ray: every rank writes into its own folder (listing only
+    its files, never another rank's half-written ones), "uploads" it into ``out``, then rank
+    0 commits the merged listing."""
     import torch.distributed as dist
 
-    files = write_rank_files(out, engine=trainer.engine, head=trainer.head,
+    own = out.parent / f"{out.name}-rank{rank}"
+    files = write_rank_files(own, engine=trainer.engine, head=trainer.head,
                              head_optimizer=trainer.head_opt, rank=rank)
+    shutil.copytree(own, out, dirs_exist_ok=True)
     listings: list = [None] * world
     dist.all_gather_object(listings, files)
     if rank == 0:

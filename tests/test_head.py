@@ -303,8 +303,7 @@ def test_layout_local_rows():
     assert lay.local_center_row(t, 1).tolist() == [-1, -1, 0, 1, -1, -1, 2]
 
 
-@pytest.mark.parametrize("field,value", [("dsa_normalize_scale", 8.0),
-                                         ("sampled_softmax_fraction", 0.5)])
+@pytest.mark.parametrize("field,value", [("dsa_normalize_scale", 8.0)])
 def test_head_refuses_options_it_does_not_implement(field, value):
     # The config refuses them by key (before Ray starts); the head validates the same way.
     from seqface_dist.config import ConfigError, load_config

@@ -35,7 +35,7 @@ from .margins import (
     sphereface_logits,
 )
 from .modes import ChiefTerms, chief_loss, chief_rows, visible_rows
-from .sampling import SAMPLER_MODES, sample_negatives
+from .sampling import SAMPLER_MODES, sample_negatives, sample_rows
 
 __all__ = [
     "ChiefTerms",
@@ -63,5 +63,6 @@ __all__ = [
     "reference_label_from_center_index",
     "reference_target_logit",
     "sample_negatives",
+    "sample_rows",
     "sphereface_logits",
 ]

@@ -61,3 +61,32 @@ def _distinct_by_rejection(
     first = torch.full_like(values, stream.numel()).scatter_reduce(
         0, inverse, positions, reduce="amin")
     return values[torch.argsort(first)[:k]]
+
+
+def sample_rows(num_rows: int, positives: torch.Tensor, total: int, *,
+                generator: torch.Generator) -> torch.Tensor:
+    """The rows of a sampled softmax (Partial FC): every row in ``positives`` plus rows drawn
+    uniformly without replacement from the others, ``total`` in all (more only when the
+    positives alone exceed it). Returns sorted, distinct row indices in [0, num_rows).
+
+    Uniform over the non-positive rows: a uniformly random ordered draw of
+    ``need + len(positives)`` distinct rows holds at least ``need`` non-positive ones, and
+    its first ``need`` of them are a uniform ``need``-subset of the non-positive rows.
+    """
+    where = "sample_rows"
+    if num_rows < 0 or total < 0:
+        raise ValueError(f"{where}: num_rows and total must be >= 0, got {num_rows}, {total}")
+    device = generator.device
+    pos = torch.unique(positives.to(device=device, dtype=torch.long))
+    if pos.numel() and (int(pos[0]) < 0 or int(pos[-1]) >= num_rows):
+        raise ValueError(f"{where}: positive rows must lie in [0, {num_rows})")
+    need = min(max(total - pos.numel(), 0), num_rows - pos.numel())
+    if need == 0:
+        return pos
+    k = need + pos.numel()
+    if 4 * k <= num_rows:
+        drawn = _distinct_by_rejection(num_rows, k, generator, device)
+    else:
+        drawn = torch.randperm(num_rows, generator=generator, device=device)[:k]
+    others = drawn[~torch.isin(drawn, pos)][:need]
+    return torch.sort(torch.cat([pos, others])).values

@@ -11,6 +11,11 @@ Math per sample i (DESIGN.md §2.1, §2.2a): classification rows l_i = lse(z_i) 
 the columns the sample sees (hidden columns hold -inf: p = q = 0 there), LSR rows
 l_i = lse(z_i) - mean_c z_ic over the identity columns; so dl_i/dz_ic = p_ic - q_ic with
 q one-hot or uniform.
+
+Sampled softmax (``row_index``, Partial FC's idea): the block is the rows ``row_index`` of
+W only (this rank's positives plus uniform negatives, drawn by the head). Every formula
+above then runs over the sampled columns, and W's gradient is a sparse gradient on those
+rows (the optimizer touches nothing else).
 """
 
 from __future__ import annotations
@@ -99,12 +104,16 @@ class BlockMarginSoftmax(torch.autograd.Function):
     Returns l (B,), equal on all ranks. Backward may run once (it reuses the saved buffer
     in place). W's gradient is written into ``weight.grad`` directly (a workspace buffer,
     accumulated if a gradient is already there), so no fresh n x D tensor is allocated.
+    ``row_index`` (sorted distinct rows of ``weight``): the block is those rows only
+    (columns, ``target_col`` and ``n_id_cols`` count in them); W's gradient is then sparse,
+    on those rows.
     """
 
     @staticmethod
-    def forward(ctx, fn, weight, target_col, uniform, hide_id, hide_seq, comm: Comm,
+    def forward(ctx, fn, param, target_col, uniform, hide_id, hide_seq, comm: Comm,
                 spec: MarginSpec, lam: float, num_identities: int, n_id_cols: int,
-                workspace: Workspace):
+                workspace: Workspace, row_index: torch.Tensor | None = None):
+        weight = param if row_index is None else param[row_index]
         eps = torch.finfo(weight.dtype).tiny
         inv_wnorm = weight.norm(dim=1).clamp_min(eps).reciprocal_()
         # GEMM 1, into the block's only B x n buffer.
@@ -145,7 +154,8 @@ class BlockMarginSoftmax(torch.autograd.Function):
         ctx.save_for_backward(z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_x, dg_w,
                               uniform)
         ctx.scale, ctx.num_identities, ctx.n_id_cols = spec.scale, num_identities, n_id_cols
-        ctx.workspace, ctx.weight = workspace, weight  # the Parameter, to write its .grad
+        ctx.workspace, ctx.weight = workspace, param  # the Parameter, to write its .grad
+        ctx.row_index = row_index
         return loss
 
     @staticmethod
@@ -164,17 +174,19 @@ class BlockMarginSoftmax(torch.autograd.Function):
             coef = (g_t * (dg_x - dg_w) * inv_wnorm[cols])[:, None]
             grad_fn.index_add_(0, rows, coef * weight[cols])
         param = ctx.weight
+        if ctx.row_index is not None:  # sampled rows: a small k x D gradient, sparse on W
+            grad_w = torch.mm(g.t(), fn)
+            _cos_row_correction_(grad_w, weight, inv_wnorm)
+            ctx.workspace.give_back("logits", z)
+            add_row_grad_(param, ctx.row_index, grad_w)
+            return (grad_fn,) + (None,) * 12
         accumulate = param.grad is not None
         grad_w = ctx.workspace.take("grad_w", tuple(weight.shape), weight)
         if accumulate and grad_w is param.grad:  # never overwrite what we add to
             ctx.workspace.give_back("grad_w", grad_w)
             grad_w = torch.empty_like(weight)
         torch.mm(g.t(), fn, out=grad_w)  # GEMM 3: A_c = sum_i g_ic fn_i
-        # d cos/d w_c = (fn - cos wn_c) / |w_c|  ->  grad_c = A_c - w_c (w_c . A_c) / |w_c|^2
-        for s in range(0, grad_w.shape[0], _ROWDOT_CHUNK):
-            a, w = grad_w[s:s + _ROWDOT_CHUNK], weight[s:s + _ROWDOT_CHUNK]
-            coef = torch.einsum("nd,nd->n", w, a) * inv_wnorm[s:s + _ROWDOT_CHUNK].square()
-            a.addcmul_(w, coef[:, None], value=-1.0)  # in place: no chunk-sized temporary
+        _cos_row_correction_(grad_w, weight, inv_wnorm)
         ctx.workspace.give_back("logits", z)
         if accumulate:
             param.grad.add_(grad_w)
@@ -182,4 +194,25 @@ class BlockMarginSoftmax(torch.autograd.Function):
         else:
             param.grad = grad_w  # stays ours: reused next step once the optimizer is done
             ctx.workspace.give_back("grad_w", grad_w)
-        return (grad_fn,) + (None,) * 11
+        return (grad_fn,) + (None,) * 12
+
+
+def _cos_row_correction_(grad_w: torch.Tensor, weight: torch.Tensor,
+                         inv_wnorm: torch.Tensor) -> None:
+    """A_c -> dL/dw_c in place: d cos/d w_c = (fn - cos wn_c) / |w_c|, so
+    grad_c = A_c - w_c (w_c . A_c) / |w_c|^2 (chunked: no block-sized temporary)."""
+    for s in range(0, grad_w.shape[0], _ROWDOT_CHUNK):
+        a, w = grad_w[s:s + _ROWDOT_CHUNK], weight[s:s + _ROWDOT_CHUNK]
+        coef = torch.einsum("nd,nd->n", w, a) * inv_wnorm[s:s + _ROWDOT_CHUNK].square()
+        a.addcmul_(w, coef[:, None], value=-1.0)
+
+
+def add_row_grad_(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """Add a gradient that lives on ``rows`` (sorted, distinct) of ``param``: as a sparse
+    COO gradient (coalesced), or into a dense gradient already there."""
+    if param.grad is not None and not param.grad.is_sparse:
+        param.grad.index_add_(0, rows, values)
+        return
+    sparse = torch.sparse_coo_tensor(rows[None], values, tuple(param.shape),
+                                     is_coalesced=True, check_invariants=False)
+    param.grad = sparse if param.grad is None else (param.grad + sparse).coalesce()

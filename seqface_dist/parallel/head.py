@@ -17,13 +17,14 @@ The output loss is the global batch's loss, equal on every rank.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from seqface_dist.config import CLASS_ROW_MODES, LossConfig
-from seqface_dist.losses import lambda_schedule, sample_negatives
+from seqface_dist.losses import lambda_schedule, sample_negatives, sample_rows
 
 from .chief import BlockMarginSoftmax, MarginSpec, Workspace
 from .comm import Comm, gather_rows
@@ -180,6 +181,15 @@ class PartitionedHead(nn.Module):
         return sample_negatives(self.centers.shape[0], self.cfg.dsa_p, generator=g,
                                 mode=self.cfg.dsa_sampler)
 
+    def draw_classifier_rows(self, positives: torch.Tensor, step: int) -> torch.Tensor:
+        """This rank's sampled rows of W for ``step`` (sampled softmax): ``positives`` plus
+        uniform negatives up to ceil(fraction * local rows), seeded by (seed, rank, step)."""
+        g = torch.Generator(device=self.weight.device)
+        g.manual_seed(((self.spec.seed * 1_000_003 + step) * 65_537 + self.rank) * 2 + 1)
+        n = self.weight.shape[0]
+        return sample_rows(n, positives, math.ceil(self.cfg.sampled_softmax_fraction * n),
+                           generator=g)
+
     def local_rows_of(self, center_index: torch.Tensor) -> torch.Tensor:
         """Global center indices -> rows of the local center block (-1 if not owned here)."""
         return self.layout.local_center_row(center_index, self.rank)
@@ -192,11 +202,14 @@ class PartitionedHead(nn.Module):
                            self.spec.num_identities + sq0 + rows - n_local_id)
 
     def forward(self, features: torch.Tensor, center_index: torch.Tensor, *, step: int = 0,
-                negatives: torch.Tensor | None = None) -> HeadOutput:
+                negatives: torch.Tensor | None = None,
+                classifier_rows: torch.Tensor | None = None) -> HeadOutput:
         """Loss terms of the global batch from this rank's ``features`` (b x D) and indices.
 
         ``negatives`` (global center indices) replaces the per-rank draw — each rank then
-        uses those in its block (tests and reference checks use it).
+        uses those in its block (tests and reference checks use it). ``classifier_rows``
+        (global rows of W: identity y, sequence row N_id + q) likewise replaces the sampled
+        softmax's draw; the batch's positive rows are added to it.
         """
         if features.dim() != 2 or features.shape[1] != self.spec.dim:
             raise ValueError(f"PartitionedHead: features must be (batch, {self.spec.dim}), "
@@ -214,7 +227,7 @@ class PartitionedHead(nn.Module):
                     torch.finfo(self.weight.dtype).tiny))
         tiny = torch.finfo(feats.dtype).tiny
         fn = feats / feats.norm(dim=1, keepdim=True).clamp_min(tiny)
-        chief_i, counts = self._chief(fn, t, is_seq, lam)
+        chief_i, counts = self._chief(fn, t, is_seq, lam, step, classifier_rows)
 
         # DSA: pull by the owner of each center, pushes from this rank's negatives.
         if negatives is None:
@@ -243,8 +256,9 @@ class PartitionedHead(nn.Module):
             dsa=dsa.detach(), dsa_pull=pull_i.mean(), dsa_push=push_i.mean(),
             active_fraction=active_fraction, num_negatives=int(stats[2]), lam=lam)
 
-    def _chief(self, fn: torch.Tensor, t: torch.Tensor, is_seq: torch.Tensor,
-               lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chief(self, fn: torch.Tensor, t: torch.Tensor, is_seq: torch.Tensor, lam: float,
+               step: int, classifier_rows: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample chief loss (B,) in this head's sequence mode, and which samples count.
 
         Sample i's target column here: its identity row, or in the modes with sequence
@@ -253,7 +267,6 @@ class PartitionedHead(nn.Module):
         """
         mode = self.mode
         id0, id1 = self.id_rows
-        n_id_cols = id1 - id0
         if self.sequence_rows:
             target_col = self.local_rows_of(t)
             classify = torch.ones_like(is_seq)
@@ -266,24 +279,55 @@ class PartitionedHead(nn.Module):
         hide_id = is_seq if mode == "separate_heads" else none
         hide_seq = {"separate_heads": ~is_seq, "masked_softmax": is_seq}.get(mode, none)
         counts = classify | uniform
-        if mode == "none":  # sequence samples skip the softmax altogether
-            keep = classify.nonzero().squeeze(1)
+        keep = classify.nonzero().squeeze(1) if mode == "none" else None
+        block = self._sampled_block(target_col if keep is None else target_col[keep], step,
+                                    classifier_rows, bool(uniform.any()))
+        if keep is not None:  # none: sequence samples skip the softmax altogether
             per = torch.zeros(t.shape[0], dtype=fn.dtype, device=fn.device)
             if keep.numel():
                 per = per.index_put((keep,), self._block(
                     fn[keep], target_col[keep], none[keep], none[keep], none[keep], lam,
-                    n_id_cols))
+                    block))
             return per, counts
-        per = self._block(fn, target_col, uniform, hide_id, hide_seq, lam, n_id_cols)
+        per = self._block(fn, target_col, uniform, hide_id, hide_seq, lam, block)
         if self.sequence_weight != 1.0:
             w = torch.full_like(per, self.sequence_weight)  # in per's dtype (float64 exact)
             per = per * torch.where(is_seq, w, torch.ones_like(per))
         return per, counts
 
-    def _block(self, fn, target_col, uniform, hide_id, hide_seq, lam, n_id_cols):
+    def _sampled_block(self, target_col: torch.Tensor, step: int,
+                       classifier_rows: torch.Tensor | None, lsr: bool) -> dict:
+        """The W block a step's softmax runs over: all local rows, or (sampled softmax) the
+        sorted local rows drawn for this step (the batch's positives always among them),
+        with the number of its identity columns here and, for LSR, over all ranks."""
+        n_id_cols = self.id_rows[1] - self.id_rows[0]
+        if classifier_rows is None and self.cfg.sampled_softmax_fraction >= 1.0:
+            return {"rows": None, "n_id_cols": n_id_cols,
+                    "num_identities": self.spec.num_identities}
+        positives = target_col[target_col >= 0]
+        if classifier_rows is None:
+            rows = self.draw_classifier_rows(positives, step)
+        else:
+            given = self.local_rows_of(classifier_rows.to(target_col.device).long())
+            given = given[(given >= 0) & (given < self.weight.shape[0])]
+            rows = torch.unique(torch.cat([positives, given]))
+        n_id_sampled = int((rows < n_id_cols).sum())
+        num_identities = n_id_sampled
+        if lsr:  # LSR's uniform target runs over the sampled identity rows of every rank
+            total = torch.tensor([n_id_sampled], dtype=torch.long, device=rows.device)
+            num_identities = int(self.comm.all_reduce_(total))
+        return {"rows": rows, "n_id_cols": n_id_sampled, "num_identities": num_identities}
+
+    def _block(self, fn, target_col, uniform, hide_id, hide_seq, lam, block: dict):
+        rows = block["rows"]
+        if rows is not None:  # local W row -> column of the sampled block
+            target_col = torch.where(target_col >= 0,
+                                     torch.searchsorted(rows, target_col.clamp_min(0)),
+                                     target_col)
         return BlockMarginSoftmax.apply(fn, self.weight, target_col, uniform, hide_id,
                                         hide_seq, self.comm, self.margin, lam,
-                                        self.spec.num_identities, n_id_cols, self.workspace)
+                                        block["num_identities"], block["n_id_cols"],
+                                        self.workspace, rows)
 
     # -- optimisation ----------------------------------------------------------------------
 
@@ -293,14 +337,17 @@ class PartitionedHead(nn.Module):
         The centers' update is not a gradient and is not counted (nor clipped).
         """
         g = self.weight.grad
+        if g is not None and g.is_sparse:  # sampled softmax: the sampled rows' gradient
+            g = g.coalesce().values()
         sq = (g.float().square().sum() if g is not None else
               torch.zeros((), device=self.weight.device))
         return self.comm.all_reduce_(sq.reshape(1)).squeeze(0)
 
     def scale_grad_(self, coef: float) -> None:
         """Multiply the classifier's gradient by ``coef`` (gradient clipping)."""
-        if self.weight.grad is not None:
-            self.weight.grad.mul_(coef)
+        g = self.weight.grad
+        if g is not None:
+            (g.coalesce().values() if g.is_sparse else g).mul_(coef)
 
     def make_optimizer(self, lr: float, momentum: float = 0.9,
                        weight_decay: float = 5e-4) -> InPlaceSGD:
@@ -308,7 +355,8 @@ class PartitionedHead(nn.Module):
         center_lr = lr if self.cfg.center_lr < 0 else self.cfg.center_lr
         return InPlaceSGD([
             {"params": [self.weight], "lr": lr, "momentum": momentum,
-             "weight_decay": weight_decay, "name": "weight"},
+             "weight_decay": weight_decay, "name": "weight",
+             "lazy_rows": True},  # a sparse W gradient: the sampled softmax's rows
             {"params": [self.centers], "lr": center_lr, "momentum": self.cfg.center_momentum,
              "weight_decay": 0.0, "name": "centers"},
         ], lr=lr)
