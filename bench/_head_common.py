@@ -8,6 +8,7 @@ and its memory is returned to the machine before the next one starts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -77,6 +78,7 @@ class Setup:
     gemm_reps: int = 0  # > 0: measure the three GEMMs' sgemm rate first, best of this many
     solo_rank: int = -1  # >= 0: SoloComm(solo_rank, world) in one process, no peers
     mode: str = "lsr"  # loss.sequence_mode; the figures in RESULTS.md are the paper's lsr
+    sample_rate: float = 1.0  # loss.sampled_softmax_fraction (1.0: the full softmax)
 
     @property
     def local_batch(self) -> int:
@@ -86,7 +88,11 @@ class Setup:
         return HeadSpec(self.num_identities, self.num_sequences, self.dim)
 
     def loss_cfg(self) -> LossConfig:
-        return LossConfig(sequence_mode=self.mode)
+        return LossConfig(sequence_mode=self.mode, sampled_softmax_fraction=self.sample_rate)
+
+    def softmax_rows(self, n_w: int) -> int:
+        """Rows of a rank's W block the softmax runs over per step (the sampled ones)."""
+        return n_w if self.sample_rate >= 1.0 else math.ceil(self.sample_rate * n_w)
 
 
 def global_batch(setup: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,14 +121,17 @@ def local_rows(setup: Setup, rank: int) -> tuple[int, int]:
 def ideal_parts(setup: Setup, rank: int, elem: int = 4) -> dict[str, int]:
     """The bytes a rank cannot do without in fp32 (the brief's ideal)."""
     n_id, n_c = local_rows(setup, rank)
+    k = setup.softmax_rows(n_id)
     d = setup.dim
+    sampled_copy = k if k < n_id else 0  # the sampled rows gathered for the GEMMs
     return {
-        "W block + grad + momentum": 3 * n_id * d * elem,
+        # Sampled: W's gradient lives on the k sampled rows only.
+        "W block + grad + momentum": (2 * n_id + k + sampled_copy) * d * elem,
         # The center update is a sparse gradient over the batch's rows (<= B of them, values
         # plus int64 row indices) added into the momentum: no dense n_c x D update buffer.
         "center block + momentum": 2 * n_c * d * elem,
         "sparse center update (B x D)": setup.batch * (d * elem + 8),
-        "B x n_local logits buffer": setup.batch * n_id * elem,
+        "B x n_local logits buffer": setup.batch * k * elem,
         "features (global batch)": setup.batch * d * elem,
     }
 
@@ -331,7 +340,9 @@ def head_worker(rank: int, setup_d: dict) -> dict:
     setup = Setup(**setup_d)
     my_rank = setup.solo_rank if setup.solo_rank >= 0 else rank
     n_id, n_c = local_rows(setup, my_rank)
-    gemm = gemm_seconds(setup.batch, setup.dim, n_id, setup.gemm_reps) if setup.gemm_reps else {}
+    n_gemm = setup.softmax_rows(n_id)
+    gemm = (gemm_seconds(setup.batch, setup.dim, n_gemm, setup.gemm_reps) if setup.gemm_reps
+            else {})
     reset_peak_rss()
     base = rss_bytes()
     comm = SoloComm(setup.solo_rank, setup.world) if setup.solo_rank >= 0 else Comm()
@@ -348,7 +359,7 @@ def head_worker(rank: int, setup_d: dict) -> dict:
         cpu.append(time.thread_time() - u0)
         sent.append(comm.bytes_sent - b0)
         comm_s.append(getattr(comm, "seconds", 0.0) - c0)
-    return {"rank": my_rank, "n_id_local": n_id, "n_centers_local": n_c,
+    return {"rank": my_rank, "n_id_local": n_id, "n_gemm_rows": n_gemm, "n_centers_local": n_c,
             "baseline_rss": base, "peak_rss": peak_rss_bytes(), "build_s": build_s,
             "step_s": times[setup.warmup:], "cpu_s": cpu[setup.warmup:],
             "comm_s": comm_s[setup.warmup:],

@@ -4,6 +4,8 @@
     .venv/bin/python bench/bench_head.py comm     # bytes/rank/step at N_id = 10k and 1M, R = 2
     .venv/bin/python bench/bench_head.py speed    # head R = 1, 2 vs dense, 100k and 1M; floor
     .venv/bin/python bench/bench_head.py speed --speed-n 1000000 --steps 1 --head-only
+    .venv/bin/python bench/bench_head.py speed --speed-n 100000 --worlds 2 --head-only \
+        --sample-rate 1.0 0.1 --partial-fc /path/to/insightface  # sampled softmax vs Partial FC
     .venv/bin/python bench/bench_head.py passes   # ops streaming the B x n / n x D buffers
     .venv/bin/python bench/bench_head.py scale    # one rank of 10M + 10M over R = 8, alone
     .venv/bin/python bench/bench_head.py --quick  # all of the above at tiny sizes (seconds)
@@ -144,8 +146,21 @@ def _dense_need(s: Setup, sparse: bool) -> float:
     return (3 * n_id + (1 if sparse else 3) * n_c) * s.dim * 4 + 7 * s.batch * n_id * 4 + 0.3 * GB
 
 
+def _print_partial_fc(s: Setup, rate: float, snapshot: str, ours_ms: float | None) -> None:
+    """insightface's PartialFC_V2 on the same sizes and batches (read from ``snapshot``)."""
+    from partial_fc import partial_fc_worker, snapshot_commit
+
+    res = run_processes(partial_fc_worker, s.world, setup_dict(s), rate, snapshot)
+    slow = max(res, key=lambda r: statistics.median(r["cpu_s"]))
+    ms = statistics.median(slow["cpu_s"]) * 1e3
+    ratio = f"; ours / Partial FC (CPU) {ours_ms / ms:.3f}" if ours_ms else ""
+    print(f"    Partial FC R = {s.world} sample rate {rate:g} (slowest rank {slow['rank']}, "
+          f"insightface {(snapshot_commit(snapshot) or '?')[:12]})  {_wall_cpu(slow)}{ratio}")
+
+
 def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bool = False,
-                worlds: tuple[int, ...] = (1, 2)) -> None:
+                worlds: tuple[int, ...] = (1, 2), sample_rates: tuple[float, ...] = (1.0,),
+                partial_fc: str | None = None) -> None:
     print(f"\n== speed: fwd + bwd + optimizer step, global batch {sz['batch']}, D = {sz['dim']},"
           f" fp32, one thread per rank; median over {sz['steps']} steps after 1 warm-up")
     for n in sz["speed_n"]:
@@ -164,23 +179,27 @@ def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bo
                 dense_ms, dense_loss0 = ms, res["losses"][0]
             print(f"    {name:28s} {_wall_cpu(res)}   peak RSS - baseline "
                   f"{_gb(res['peak_rss'] - res['baseline_rss'])}   loss[0] {res['losses'][0]:.6f}")
-        for world in worlds:
+        for world, rate in [(w, r) for w in worlds for r in sample_rates]:
             s = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=sz["steps"],
-                      gemm_reps=2 if n >= 1_000_000 else 3)
+                      gemm_reps=2 if n >= 1_000_000 else 3, sample_rate=rate)
             if not _fits(f"head R = {world}", _head_need(s), force):
                 continue
             res = _run_head(s)
             slow = max(res, key=lambda r: statistics.median(r["cpu_s"]))
             ms = statistics.median(slow["cpu_s"]) * 1e3
-            ratio = f"CPU {ms / dense_ms:.3f} x dense" if dense_ms else "no dense figure"
+            ratio = (f"CPU {ms / dense_ms:.3f} x dense" if dense_ms and rate >= 1.0 else
+                     "no dense figure")
+            sampled = f"   sample rate {rate:g}" if rate < 1.0 else ""
             print(f"    head R = {world} (slowest rank {slow['rank']})  {_wall_cpu(slow)} "
-                  f"= {ratio}   loss[0] {slow['losses'][0]:.6f}")
-            if world == 1 and dense_loss0 is not None:
+                  f"= {ratio}   loss[0] {slow['losses'][0]:.6f}{sampled}")
+            if partial_fc:
+                _print_partial_fc(s, rate, partial_fc, ms)
+            if world == 1 and rate >= 1.0 and dense_loss0 is not None:
                 print(f"      same data as dense: |loss[0] head - dense| = "
                       f"{abs(slow['losses'][0] - dense_loss0):.2e}")
             for r in res:
                 floor_s = sum(r["gemm_s"].values())
-                flops = 3 * 2 * s.batch * s.dim * r["n_id_local"]
+                flops = 3 * 2 * s.batch * s.dim * r["n_gemm_rows"]
                 med = statistics.median(r["cpu_s"])
                 print(f"      rank {r['rank']}: 3 GEMMs {flops / 1e9:.1f} GFLOP, sgemm "
                       f"{flops / floor_s / 1e9:.1f} GFLOP/s on these shapes -> floor "
@@ -276,6 +295,13 @@ def main() -> None:
                     help="loss.sequence_mode of memory, comm and scale (default: the paper's "
                          "lsr, the mode of the recorded figures; speed always runs lsr, the "
                          "mode of its dense reference)")
+    ap.add_argument("--sample-rate", type=float, nargs="+", default=[1.0],
+                    help="speed: loss.sampled_softmax_fraction values of the head (default 1.0, "
+                         "the full softmax)")
+    ap.add_argument("--partial-fc", metavar="SNAPSHOT", default=None,
+                    help="speed: also time insightface's PartialFC_V2 at each sample rate, read "
+                         "from this snapshot of deepinsight/insightface (a git dir or checkout; "
+                         "never vendored); without it that column is skipped")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sz = dict(QUICK if args.quick else FULL, mode=args.mode)
@@ -298,7 +324,8 @@ def main() -> None:
             bench_comm(sz, args.force)
         elif w == "speed":
             bench_speed(sz, args.force, args.dense_center_grad_max if not args.quick else 10**9,
-                        args.head_only, tuple(args.worlds))
+                        args.head_only, tuple(args.worlds), tuple(args.sample_rate),
+                        args.partial_fc)
         elif w == "passes":
             bench_passes()
         elif w == "scale":

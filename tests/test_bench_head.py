@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_head_quick_runs_end_to_end():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_head.py"), "--quick"],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_head.py"), "--quick",
+                           "--sample-rate", "1.0", "0.5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     out = proc.stdout
     assert proc.returncode == 0, f"bench failed:\n{out}\n{proc.stderr}"
@@ -29,6 +30,7 @@ def test_bench_head_quick_runs_end_to_end():
     assert "bytes/step equal across N_id: True" in out, out
     gaps = [float(x) for x in re.findall(r"\|loss\[0\] head - dense\| = (\S+)", out)]
     assert len(gaps) == 2 and all(g < 1e-4 for g in gaps), out
+    assert len(re.findall(r"head R = \d .* wall .* sample rate 0.5", out)) == 4, out
     assert "GEMMs on the big operands (3)" in out, out
     assert "other ops on the n_c x D center block (2): mul_ add_" in out, out
     assert "ops on the sparse center update" in out, out
