@@ -187,3 +187,50 @@ def test_a_changed_or_cut_file_is_refused_by_name(tmp_path):
     (out / STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="unknown keys"):
         check_complete(out)
+
+
+def _backbone_state(trainer) -> dict:
+    """Parameters and whole momentum (gathered over the ranks: a collective)."""
+    from seqface_dist.train.checkpoint import gather_backbone_momentum
+
+    return {"params": {n: p.detach().clone() for n, p in trainer.module.named_parameters()},
+            "momentum": gather_backbone_momentum(trainer.engine)}
+
+
+def _train_save_zero(rank: int, world: int, stage: int, out: str):
+    trainer, spec = _trainer(stage, world)
+    losses = [float(trainer.step(*_batch(step, rank), step).out.loss) for step in range(3)]
+    saved = _backbone_state(trainer)
+    _save(trainer, spec, Path(out), rank, world, stage)
+    return dict(saved, losses=losses)
+
+
+def _load_zero(rank: int, world: int, stage: int, out: str):
+    trainer, _ = _trainer(stage, world, seed=7)
+    state = load_checkpoint(out, engine=trainer.engine, head=trainer.head,
+                            head_optimizer=trainer.head_opt, rank=rank, world_size=world)
+    loaded = _backbone_state(trainer)
+    loss = float(trainer.step(*_batch(3, rank), state.step).out.loss)
+    return dict(loaded, loss=loss)
+
+
+@pytest.mark.parametrize("stage,saved_on,resumed_on", [(1, 2, 1), (1, 1, 2), (2, 2, 1),
+                                                       (2, 1, 2)])
+def test_zero_resume_on_another_world_size_keeps_the_momentum(stage, saved_on, resumed_on,
+                                                              tmp_path):
+    # ZeRO 1/2 split the backbone's momentum per rank; the checkpoint also holds it whole,
+    # so a resume on another number of ranks re-splits it: after the load the gathered
+    # parameters and momentum equal the saved ones, and the next step trains on.
+    out = tmp_path / "ckpt"
+    saved = run_ranks(_train_save_zero, saved_on, stage, str(out), timeout=300)
+    loaded = run_ranks(_load_zero, resumed_on, stage, str(out), timeout=300)
+    assert all("ok" in r for r in saved + loaded), (saved, loaded)
+    want, got = saved[0]["ok"], loaded[0]["ok"]
+    assert want["momentum"] is not None and set(got["momentum"]) == set(want["momentum"])
+    for name, m in want["momentum"].items():
+        assert m.abs().sum() > 0, name  # three steps made a momentum to keep
+        torch.testing.assert_close(got["momentum"][name], m, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(got["params"][name], want["params"][name], rtol=0, atol=0)
+    losses = want["losses"]
+    assert torch.isfinite(torch.tensor(got["loss"]))
+    assert got["loss"] < 1.5 * max(losses), (got["loss"], losses)  # trains on, no restart jolt

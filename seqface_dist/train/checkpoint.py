@@ -3,6 +3,8 @@
     engine/            the DeepSpeed engine's own files (backbone, its optimizer, ZeRO parts)
     head-rank*-of-*.safetensors   the head's row blocks with their global ranges
     rng-rank*.safetensors          each rank's torch RNG state
+    backbone-momentum.safetensors  ZeRO 1/2 (rank 0): the backbone's whole momentum per
+                                   parameter, so a resume on another number of ranks keeps it
     export/            rank 0, last step only: the standalone embedding network
     state.json         the commit: step, seeds, head layout, data identity, resolved config,
                        and every file above with its size and sha256
@@ -36,6 +38,8 @@ from safetensors.torch import load_file, save_file
 from seqface_dist.parallel import HeadCheckpointError, load_head, read_head_metadata, save_head
 
 STATE_FILE = "state.json"
+BACKBONE_MOMENTUM = "backbone-momentum.safetensors"
+MOMENTUM_KEY = "momentum_buffer"  # torch SGD's state name (the backbone's optimizer)
 ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
 FORMAT = "seqface-run/2"  # /2: state.json lists every file (size, sha256) and the data
@@ -102,9 +106,48 @@ def write_rank_files(directory: str | Path, *, engine, head, head_optimizer,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+    momentum = gather_backbone_momentum(engine)
+    if momentum is not None and rank == 0:
+        save_file(momentum, str(directory / BACKBONE_MOMENTUM))
     save_head(head, head_optimizer, directory)
     save_file({"cpu": torch.get_rng_state()}, str(directory / f"rng-rank{rank:05d}.safetensors"))
     return list_files(directory)
+
+
+def gather_backbone_momentum(engine) -> dict[str, torch.Tensor] | None:
+    """ZeRO 1/2: each backbone parameter's whole momentum, assembled from every rank's
+    partition (a collective: all ranks call it). None at ZeRO 0, whose engine file holds
+    the momentum whole, and before the first step (there is none yet)."""
+    if engine.zero_optimization_stage() == 0 or not engine.optimizer.optimizer.state:
+        return None
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    return {name: safe_get_full_optimizer_state(p, MOMENTUM_KEY).detach().cpu().contiguous()
+            for name, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def scatter_backbone_momentum(engine, momentum: dict[str, torch.Tensor], where: str) -> None:
+    """Set each backbone parameter's momentum into this rank's ZeRO 1/2 partition: the
+    momentum saved on another number of ranks continues here (DeepSpeed's
+    safe_set_full_optimizer_state, after creating the state its first step would)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    if set(params) != set(momentum):
+        missing, extra = sorted(set(params) - set(momentum)), sorted(set(momentum) - set(params))
+        raise CheckpointError(f"{where}: backbone momentum does not fit this backbone "
+                              f"(missing {missing[:3]}, unknown {extra[:3]})")
+    zero = engine.optimizer
+    for flat in zero.single_partition_of_fp32_groups:
+        zero.optimizer.state[flat].setdefault(MOMENTUM_KEY, torch.zeros_like(flat))
+    zero._hp_optimizer_states_linked = False  # link the fragments to the state just made
+    zero._lazy_init_hp_params_optimizer_state()
+    for name, p in params.items():
+        if momentum[name].shape != p.shape:
+            raise CheckpointError(f"{where}: momentum of {name} has shape "
+                                  f"{tuple(momentum[name].shape)}, the parameter {tuple(p.shape)}")
+        safe_set_full_optimizer_state(p, momentum[name].to(p.device, torch.float32),
+                                      MOMENTUM_KEY)
 
 
 def check_complete(directory: str | Path, *, verify_hashes: bool = True) -> RunState:
@@ -160,8 +203,10 @@ def load_checkpoint(directory: str | Path, *, engine, head, head_optimizer, rank
 
     The backbone is data-parallel, so its weights load on any number of ranks. Its
     optimizer state does too with ZeRO stage 0 (one full copy); with ZeRO 1/2 it is split
-    per rank, so on a different world size only the weights load and the backbone's
-    momentum restarts (said in the log). ``weights_only``: the backbone's weights only; the
+    per rank, so on a different world size the weights load from the engine's files and
+    the momentum from ``backbone-momentum.safetensors`` (whole per parameter), re-split
+    over the new ranks (without that file, from an older checkpoint, the momentum
+    restarts, said in the log). ``weights_only``: the backbone's weights only; the
     head, optimizer and RNG keep their fresh state (a new head for other data).
     ``data_layout`` (this run's label layout): refuse a checkpoint trained on other data,
     unless only the weights are taken.
@@ -178,10 +223,14 @@ def load_checkpoint(directory: str | Path, *, engine, head, head_optimizer, rank
                                   "new head")
     same_world = state.world_size == world_size
     module_only = weights_only or (not same_world and state.zero_stage > 0)
-    if module_only and not weights_only and rank == 0:
+    momentum_file = directory / BACKBONE_MOMENTUM
+    regather = module_only and not weights_only  # ZeRO 1/2 on another number of ranks
+    if regather and rank == 0:
         logging.getLogger("seqface").info(
             "[seqface] resuming ZeRO-%d state of %d ranks on %d: backbone weights load, its "
-            "optimizer state restarts", state.zero_stage, state.world_size, world_size)
+            "momentum %s", state.zero_stage, state.world_size, world_size,
+            "is re-split over the new ranks" if momentum_file.is_file() else
+            "restarts (this checkpoint has no backbone-momentum file)")
     try:
         path, _ = engine.load_checkpoint(
             str(directory / ENGINE_DIR), tag=ENGINE_TAG, load_module_only=module_only,
@@ -190,6 +239,13 @@ def load_checkpoint(directory: str | Path, *, engine, head, head_optimizer, rank
         raise CheckpointError(str(e)) from None
     if path is None:
         raise CheckpointError(f"{directory}: DeepSpeed could not load {ENGINE_DIR}/{ENGINE_TAG}")
+    if momentum_file.is_file() and not weights_only:  # read (checked) even when unused
+        try:
+            momentum = load_file(str(momentum_file))
+        except SafetensorError as e:
+            raise CheckpointError(f"{momentum_file}: unreadable ({e})") from None
+        if regather:
+            scatter_backbone_momentum(engine, momentum, str(momentum_file))
     if weights_only:
         return state
     load_head(head, head_optimizer, directory)
