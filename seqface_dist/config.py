@@ -256,6 +256,10 @@ class TrainConfig:
     cpus_per_worker: int = 1  # >= 1
     zero_stage: int = 0  # 0, 1 or 2
     precision: str = "fp32"  # fp32 | bf16
+    # The head's W and centers (and their momentum): bf16 halves their memory (what lets
+    # 10M + 10M rows fit 8 ranks in every sequence mode); norms, softmax statistics and
+    # DSA distances stay fp32, W's updates round stochastically (parallel/optim.py).
+    head_precision: str = "fp32"  # fp32 | bf16
     seed: int = 0  # [0, 2^32 - 1] (numpy's seed range)
     log_every: int = 10  # >= 1
     checkpoint_every: int = 500  # >= 1
@@ -283,6 +287,8 @@ class TrainConfig:
         _check(self.zero_stage in (0, 1, 2), f"{p}.zero_stage",
                f"must be 0, 1 or 2 (got {self.zero_stage})")
         _check(self.precision in ("fp32", "bf16"), f"{p}.precision", "must be 'fp32' or 'bf16'")
+        _check(self.head_precision in ("fp32", "bf16"), f"{p}.head_precision",
+               "must be 'fp32' or 'bf16'")
         _range(self, p, "seed", 0, 2**32 - 1)
         _range(self, p, "log_every", 1)
         _range(self, p, "checkpoint_every", 1)

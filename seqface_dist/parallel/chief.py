@@ -12,6 +12,10 @@ the columns the sample sees (hidden columns hold -inf: p = q = 0 there), LSR row
 l_i = lse(z_i) - mean_c z_ic over the identity columns; so dl_i/dz_ic = p_ic - q_ic with
 q one-hot or uniform.
 
+A bf16 W (``train.head_precision``): the GEMMs and the B x n buffer in bf16, the row
+norms, the margin, the softmax statistics (row max, sums of exp and of logits, the target
+logit) and the loss in fp32.
+
 Sampled softmax (``row_index``, Partial FC's idea): the block is the rows ``row_index`` of
 W only (this rank's positives plus uniform negatives, drawn by the head). Every formula
 above then runs over the sampled columns, and W's gradient is a sparse gradient on those
@@ -114,8 +118,10 @@ class BlockMarginSoftmax(torch.autograd.Function):
                 spec: MarginSpec, lam: float, num_identities: int, n_id_cols: int,
                 workspace: Workspace, row_index: torch.Tensor | None = None):
         weight = param if row_index is None else param[row_index]
-        eps = torch.finfo(weight.dtype).tiny
-        inv_wnorm = weight.norm(dim=1).clamp_min(eps).reciprocal_()
+        acc = torch.promote_types(weight.dtype, torch.float32)  # statistics: fp32 at least
+        eps = torch.finfo(acc).tiny
+        inv_wnorm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(eps)
+        inv_wnorm.reciprocal_()
         # GEMM 1, into the block's only B x n buffer.
         z = workspace.take("logits", (fn.shape[0], weight.shape[0]), fn)
         torch.mm(fn, weight.t(), out=z)
@@ -123,7 +129,7 @@ class BlockMarginSoftmax(torch.autograd.Function):
         rows = (target_col >= 0).nonzero().squeeze(1)
         cols = target_col[rows]
         with torch.enable_grad():  # d margin / d cos, for the backward
-            cos_t = z[rows, cols].detach().requires_grad_(True)
+            cos_t = z[rows, cols].detach().to(acc).requires_grad_(True)
             g_t = spec.target_cos(cos_t, lam)
             (dg_t,) = torch.autograd.grad(g_t.sum(), cos_t) if rows.numel() else (cos_t,)
         dg_x, dg_w = dg_t, dg_t
@@ -133,19 +139,19 @@ class BlockMarginSoftmax(torch.autograd.Function):
             z[hide_id, :n_id_cols] = float("-inf")
         if bool(hide_seq.any()):
             z[hide_seq, n_id_cols:] = float("-inf")
-        z[rows, cols] = g_t.detach()
+        z[rows, cols] = g_t.detach().to(z.dtype)
         z.mul_(spec.scale)  # logits
 
         b = z.shape[0]
-        rowmax = (z.max(dim=1).values if z.shape[1] else
-                  torch.full((b,), float("-inf"), dtype=z.dtype, device=z.device))
+        rowmax = (z.max(dim=1).values.to(acc) if z.shape[1] else
+                  torch.full((b,), float("-inf"), dtype=acc, device=z.device))
         comm.all_reduce_(rowmax, op="max")
-        stats = torch.zeros(3, b, dtype=z.dtype, device=z.device)
+        stats = torch.zeros(3, b, dtype=acc, device=z.device)
         if bool(uniform.any()):  # LSR needs the mean logit over all N_id classes
-            stats[2] = z[:, :n_id_cols].sum(dim=1)
-        stats[1, rows] = z[rows, cols]
+            stats[2] = z[:, :n_id_cols].sum(dim=1, dtype=acc)
+        stats[1, rows] = g_t.detach() * spec.scale  # = z[rows, cols], kept in fp32 or wider
         z.sub_(rowmax[:, None]).exp_()
-        stats[0] = z.sum(dim=1)
+        stats[0] = z.sum(dim=1, dtype=acc)
         comm.all_reduce_(stats)
         sumexp, target, rowsum = stats
         lse = rowmax + sumexp.log()
@@ -167,12 +173,12 @@ class BlockMarginSoftmax(torch.autograd.Function):
         g[rows, cols] -= 1.0  # classification rows: q = one-hot
         g.mul_((grad_loss * ctx.scale)[:, None])  # dL/dcos (before the margin)
         g_t = g[rows, cols]  # dL/d(margin cos) of the targets owned here
-        g[rows, cols] = g_t * dg_w
+        g[rows, cols] = (g_t * dg_w).to(g.dtype)
         g.mul_(inv_wnorm)  # dL/d(fn . w_c) with cos = fn . w_c / |w_c|
         grad_fn = g @ weight  # GEMM 2
         if dg_x is not dg_w:  # the reference's feature path: its own target coefficient
             coef = (g_t * (dg_x - dg_w) * inv_wnorm[cols])[:, None]
-            grad_fn.index_add_(0, rows, coef * weight[cols])
+            grad_fn.index_add_(0, rows, (coef * weight[cols]).to(grad_fn.dtype))
         param = ctx.weight
         if ctx.row_index is not None:  # sampled rows: a small k x D gradient, sparse on W
             grad_w = torch.mm(g.t(), fn)
@@ -203,7 +209,8 @@ def _cos_row_correction_(grad_w: torch.Tensor, weight: torch.Tensor,
     grad_c = A_c - w_c (w_c . A_c) / |w_c|^2 (chunked: no block-sized temporary)."""
     for s in range(0, grad_w.shape[0], _ROWDOT_CHUNK):
         a, w = grad_w[s:s + _ROWDOT_CHUNK], weight[s:s + _ROWDOT_CHUNK]
-        coef = torch.einsum("nd,nd->n", w, a) * inv_wnorm[s:s + _ROWDOT_CHUNK].square()
+        coef = torch.einsum("nd,nd->n", w, a).to(inv_wnorm.dtype)
+        coef = (coef * inv_wnorm[s:s + _ROWDOT_CHUNK].square()).to(a.dtype)
         a.addcmul_(w, coef[:, None], value=-1.0)
 
 

@@ -41,7 +41,7 @@ class BlockDSA(torch.autograd.Function):
         comm.all_reduce_(packed)
         d_pos, num_drawn = packed[:b], packed[b]
 
-        neg = centers[neg_rows]  # (k x D)
+        neg = centers[neg_rows].to(feats.dtype)  # (k x D); a bf16 block: distances in fp32
         # d(f, c) = (|f|^2 - 2 f.c + |c|^2) / 4 as one GEMM, never a B x k x D tensor.
         d_neg = torch.addmm(neg.square().sum(1)[None, :], feats, neg.t(), alpha=-2.0)
         d_neg.add_(feats.square().sum(1)[:, None]).div_(4.0)
@@ -66,7 +66,8 @@ class BlockDSA(torch.autograd.Function):
         delta.index_add_(0, slot, diff_pos)
         count = torch.bincount(slot, minlength=rows.numel()).to(feats.dtype)
         delta.mul_((-0.5 / (1.0 + count))[:, None])
-        update = torch.sparse_coo_tensor(rows[None], delta, centers.shape, is_coalesced=True,
+        update = torch.sparse_coo_tensor(rows[None], delta.to(centers.dtype), centers.shape,
+                                         is_coalesced=True,
                                          check_invariants=False)  # unique rows, in range
 
         ctx.save_for_backward(feats, centers, owned, own_row, diff_pos, neg, active,

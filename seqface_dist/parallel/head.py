@@ -106,6 +106,9 @@ class PartitionedHead(nn.Module):
         self.layout = HeadLayout(spec.num_identities, spec.num_sequences, self.comm.world_size)
         self.rank = self.comm.rank
         self._check_ranks_agree(dtype)
+        # A bf16 head (W and centers in bf16: half the memory) computes its features, norms,
+        # softmax statistics and DSA distances in fp32; only its GEMMs run in bf16.
+        self.compute_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
         self.margin = MarginSpec(self.cfg.margin, self.cfg.m, self.cfg.scale,
                                  self.cfg.arcface_margin, self.cfg.cosface_margin,
                                  self.cfg.reference_margin_grad)
@@ -216,7 +219,7 @@ class PartitionedHead(nn.Module):
                              f"got {tuple(features.shape)}")
         cfg, n_id = self.cfg, self.spec.num_identities
         t = self._gather_index(center_index.to(features.device))
-        feats = gather_rows(features.to(self.weight.dtype), self.comm, self.feature_grad_scale)
+        feats = gather_rows(features.to(self.compute_dtype), self.comm, self.feature_grad_scale)
         is_seq = t >= n_id
 
         lam = lambda_schedule(step, base=cfg.lambda_base, gamma=cfg.lambda_gamma,
@@ -324,7 +327,8 @@ class PartitionedHead(nn.Module):
             target_col = torch.where(target_col >= 0,
                                      torch.searchsorted(rows, target_col.clamp_min(0)),
                                      target_col)
-        return BlockMarginSoftmax.apply(fn, self.weight, target_col, uniform, hide_id,
+        return BlockMarginSoftmax.apply(fn.to(self.weight.dtype), self.weight, target_col,
+                                        uniform, hide_id,
                                         hide_seq, self.comm, self.margin, lam,
                                         block["num_identities"], block["n_id_cols"],
                                         self.workspace, rows)
@@ -355,8 +359,9 @@ class PartitionedHead(nn.Module):
         center_lr = lr if self.cfg.center_lr < 0 else self.cfg.center_lr
         return InPlaceSGD([
             {"params": [self.weight], "lr": lr, "momentum": momentum,
+             "stochastic_rounding": True,  # bf16 W: see InPlaceSGD
              "weight_decay": weight_decay, "name": "weight",
              "lazy_rows": True},  # a sparse W gradient: the sampled softmax's rows
             {"params": [self.centers], "lr": center_lr, "momentum": self.cfg.center_momentum,
              "weight_decay": 0.0, "name": "centers"},
-        ], lr=lr)
+        ], lr=lr, seed=self.spec.seed * 65_537 + self.rank)

@@ -90,7 +90,8 @@ def build_head(cfg: Config, num_identities: int, num_sequences: int, comm: Comm,
     """The row-partitioned head for this rank and its own optimizer."""
     spec = HeadSpec(num_identities, num_sequences, cfg.model.embedding_dim,
                     seed=cfg.train.seed)
-    head = PartitionedHead(spec, cfg.loss, comm, device=device,
+    dtype = torch.bfloat16 if cfg.train.head_precision == "bf16" else torch.float32
+    head = PartitionedHead(spec, cfg.loss, comm, device=device, dtype=dtype,
                            feature_grad_scale=feature_grad_scale,
                            sequence_weight=sequence_weight)
     o = cfg.optim
