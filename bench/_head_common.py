@@ -79,6 +79,7 @@ class Setup:
     solo_rank: int = -1  # >= 0: SoloComm(solo_rank, world) in one process, no peers
     mode: str = "lsr"  # loss.sequence_mode; the figures in RESULTS.md are the paper's lsr
     sample_rate: float = 1.0  # loss.sampled_softmax_fraction (1.0: the full softmax)
+    head_dtype: str = "fp32"  # train.head_precision: fp32 | bf16 (W, centers, momentum)
 
     @property
     def local_batch(self) -> int:
@@ -89,6 +90,15 @@ class Setup:
 
     def loss_cfg(self) -> LossConfig:
         return LossConfig(sequence_mode=self.mode, sampled_softmax_fraction=self.sample_rate)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.head_dtype == "bf16" else torch.float32
+
+    @property
+    def elem(self) -> int:
+        """Bytes per element of the head's blocks, their momentum and its logits."""
+        return 2 if self.head_dtype == "bf16" else 4
 
     def softmax_rows(self, n_w: int) -> int:
         """Rows of a rank's W block the softmax runs over per step (the sampled ones)."""
@@ -118,8 +128,9 @@ def local_rows(setup: Setup, rank: int) -> tuple[int, int]:
     return n_w, (id1 - id0) + (sq1 - sq0)
 
 
-def ideal_parts(setup: Setup, rank: int, elem: int = 4) -> dict[str, int]:
-    """The bytes a rank cannot do without in fp32 (the brief's ideal)."""
+def ideal_parts(setup: Setup, rank: int) -> dict[str, int]:
+    """The bytes a rank cannot do without in its head dtype (the brief's ideal)."""
+    elem = setup.elem
     n_id, n_c = local_rows(setup, rank)
     k = setup.softmax_rows(n_id)
     d = setup.dim
@@ -132,7 +143,7 @@ def ideal_parts(setup: Setup, rank: int, elem: int = 4) -> dict[str, int]:
         "center block + momentum": 2 * n_c * d * elem,
         "sparse center update (B x D)": setup.batch * (d * elem + 8),
         "B x n_local logits buffer": setup.batch * k * elem,
-        "features (global batch)": setup.batch * d * elem,
+        "features (global batch)": setup.batch * d * 4,  # fp32 in every head dtype
     }
 
 
@@ -347,7 +358,7 @@ def head_worker(rank: int, setup_d: dict) -> dict:
     base = rss_bytes()
     comm = SoloComm(setup.solo_rank, setup.world) if setup.solo_rank >= 0 else Comm()
     t0 = time.perf_counter()
-    head = PartitionedHead(setup.spec(), setup.loss_cfg(), comm)
+    head = PartitionedHead(setup.spec(), setup.loss_cfg(), comm, dtype=setup.torch_dtype)
     opt = head.make_optimizer(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     build_s = time.perf_counter() - t0
     times, cpu, sent, comm_s, losses = [], [], [], [], []

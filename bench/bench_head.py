@@ -10,6 +10,8 @@
     .venv/bin/python bench/bench_head.py scale    # one rank of 10M + 10M over R = 8, alone
     .venv/bin/python bench/bench_head.py --quick  # all of the above at tiny sizes (seconds)
     .venv/bin/python bench/bench_head.py memory comm --mode sequence_classes  # per mode
+    .venv/bin/python bench/bench_head.py scale --mode lsr none sequence_classes \
+        separate_heads masked_softmax --sample-rate 1.0 0.1 --head-dtype fp32 bf16
 
 Each configuration runs in its own forked process(es), one thread each, fp32, global batch
 256 (half identity, half sequence samples), SGD momentum 0.9 (W weight decay 5e-4).
@@ -234,12 +236,15 @@ def bench_passes() -> None:
 
 # -- 4. scale plan ----------------------------------------------------------------------------
 
-def bench_scale(sz: dict, force: bool, extrapolate: bool = False) -> None:
+def bench_scale(sz: dict, force: bool, extrapolate: bool = False, sample_rate: float = 1.0,
+                head_dtype: str = "fp32") -> None:
     n = sz["scale_n"]
-    s = Setup(n, n, sz["dim"], sz["batch"], world=8, steps=1, solo_rank=0, mode=sz["mode"])
+    s = Setup(n, n, sz["dim"], sz["batch"], world=8, steps=1, solo_rank=0, mode=sz["mode"],
+              sample_rate=sample_rate, head_dtype=head_dtype)
     ideal = ideal_parts(s, 0)
     print(f"\n== scale plan: rank 0 of R = 8 for N_id = N_seq = {n:,}, D = {s.dim}, global "
-          f"batch {s.batch} (SoloComm, one process), 1 + 1 steps, sequence_mode {s.mode}")
+          f"batch {s.batch} (SoloComm, one process), 1 + 1 steps, sequence_mode {s.mode}, "
+          f"sample rate {sample_rate:g}, head {head_dtype}")
     for k, v in ideal.items():
         print(f"      ideal  {k:34s} {_gb(v)}")
     total = sum(ideal.values())
@@ -253,7 +258,7 @@ def bench_scale(sz: dict, force: bool, extrapolate: bool = False) -> None:
     points = []
     for world in (64, 32):
         part = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=1, solo_rank=0,
-                     mode=sz["mode"])
+                     mode=sz["mode"], sample_rate=sample_rate, head_dtype=head_dtype)
         if not _fits(f"the R = {world} block", _head_need(part), force):
             return
         (res,) = _run_head(part)
@@ -291,10 +296,12 @@ def main() -> None:
                     help="speed: the R values of the head to time (default 1 2; none: dense only)")
     ap.add_argument("--dense-center-grad-max", type=int, default=100_000,
                     help="also time the dense reference with a dense center grad up to this N")
-    ap.add_argument("--mode", default="lsr", choices=SEQUENCE_MODES,
-                    help="loss.sequence_mode of memory, comm and scale (default: the paper's "
-                         "lsr, the mode of the recorded figures; speed always runs lsr, the "
-                         "mode of its dense reference)")
+    ap.add_argument("--mode", nargs="+", default=["lsr"], choices=SEQUENCE_MODES,
+                    help="loss.sequence_mode(s) of memory, comm and scale, each in turn "
+                         "(default: the paper's lsr, the mode of the recorded figures; speed "
+                         "always runs lsr, the mode of its dense reference)")
+    ap.add_argument("--head-dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="scale: train.head_precision value(s), each in turn (default fp32)")
     ap.add_argument("--sample-rate", type=float, nargs="+", default=[1.0],
                     help="speed: loss.sampled_softmax_fraction values of the head (default 1.0, "
                          "the full softmax)")
@@ -304,7 +311,7 @@ def main() -> None:
                          "never vendored); without it that column is skipped")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    sz = dict(QUICK if args.quick else FULL, mode=args.mode)
+    sz = dict(QUICK if args.quick else FULL, mode=args.mode[0])
     if args.steps:
         sz["steps"] = args.steps
     if args.comm_n:
@@ -317,11 +324,14 @@ def main() -> None:
     if not what:
         ap.error("name a benchmark (memory, comm, speed, passes, scale) or pass --quick")
     print(f"torch {torch.__version__}, MemAvailable {_gb(mem_available_bytes())}")
+    modes = [dict(sz, mode=m) for m in args.mode]
     for w in what:
         if w == "memory":
-            bench_memory(sz, args.force)
+            for szm in modes:
+                bench_memory(szm, args.force)
         elif w == "comm":
-            bench_comm(sz, args.force)
+            for szm in modes:
+                bench_comm(szm, args.force)
         elif w == "speed":
             bench_speed(sz, args.force, args.dense_center_grad_max if not args.quick else 10**9,
                         args.head_only, tuple(args.worlds), tuple(args.sample_rate),
@@ -329,7 +339,10 @@ def main() -> None:
         elif w == "passes":
             bench_passes()
         elif w == "scale":
-            bench_scale(sz, args.force, extrapolate=args.quick)  # quick: both paths
+            for szm, rate, dtype in [(m, r, d) for m in modes for r in args.sample_rate
+                                     for d in args.head_dtype]:
+                bench_scale(szm, args.force, extrapolate=args.quick,  # quick: both paths
+                            sample_rate=rate, head_dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_head_quick_runs_end_to_end():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_head.py"), "--quick",
-                           "--sample-rate", "1.0", "0.5"],
+                           "--sample-rate", "1.0", "0.5", "--head-dtype", "fp32", "bf16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     out = proc.stdout
     assert proc.returncode == 0, f"bench failed:\n{out}\n{proc.stderr}"
@@ -35,3 +35,6 @@ def test_bench_head_quick_runs_end_to_end():
     assert "other ops on the n_c x D center block (2): mul_ add_" in out, out
     assert "ops on the sparse center update" in out, out
     assert "projected R = 8 peak" in out, out
+    for rate in ("1", "0.5"):  # the scale plan per sample rate and head dtype
+        for dtype in ("fp32", "bf16"):
+            assert f"sample rate {rate}, head {dtype}" in out, out
