@@ -11,7 +11,9 @@
    `seqface_dist.train.step`).
 2. Head step time at N_id = N_seq = 100k and 1M (batch 256, D 512) with the full softmax
    and the sampled one (rate 0.1), and the fraction of the matmul floor (3 GEMMs at the
-   measured sgemm rate of the rows the softmax runs over).
+   measured sgemm rate of the rows the softmax runs over); at 1M and 10M + 10M with the
+   bf16 head (the whole 10M + 10M head of the paper's lsr fits one H200 in bf16), with
+   the peak device memory.
 3. Backbone forward+backward images/s (sphere20 112x96, iresnet50 112x112), fp32 and bf16
    autocast: a throughput probe on a stand-in loss, no head and no optimizer.
 Prints figures only; copy them into bench/RESULTS.md with the device name.
@@ -20,7 +22,6 @@ Prints figures only; copy them into bench/RESULTS.md with the device name.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -93,18 +94,26 @@ def _time(fn, device, steps: int) -> float:
 
 
 def head_speed(device: torch.device, sizes: list[int], steps: int,
-               rates: tuple[float, ...] = (1.0, 0.1)) -> None:
+               rates: tuple[float, ...] = (1.0, 0.1), dtype: torch.dtype = torch.float32,
+               mode: str = "lsr") -> None:
+    """Step time of one head per size (N_id = N_seq = n) at each sample rate, against the
+    matmul floor of the rows its softmax runs over; peak device memory beside it."""
     b, d = 256, 512
+    name = str(dtype).removeprefix("torch.")
     for n in sizes:
-        full_ms = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        head = PartitionedHead(HeadSpec(n, n, d), LossConfig(sequence_mode=mode), Comm(),
+                               device=device, dtype=dtype)
+        build_s = time.perf_counter() - t0
+        opt = head.make_optimizer(lr=0.1)
+        feats = torch.randn(b, d, device=device)
+        t = torch.randint(0, 2 * n, (b,), device=device)
+        full_ms, k = None, [0]
         for rate in rates:
-            # The paper's lsr: W has the n identity rows the matmul floor below assumes.
-            head = PartitionedHead(HeadSpec(n, n, d), LossConfig(
-                sequence_mode="lsr", sampled_softmax_fraction=rate), Comm(), device=device)
-            opt = head.make_optimizer(lr=0.1)
-            feats = torch.randn(b, d, device=device)
-            t = torch.randint(0, 2 * n, (b,), device=device)
-            k = [0]
+            # A bench only: the same head, its softmax sampled at another rate from now on.
+            head.cfg.sampled_softmax_fraction = rate
 
             def step(head=head, opt=opt, feats=feats, t=t, k=k):
                 f = feats.clone().requires_grad_(True)
@@ -114,18 +123,21 @@ def head_speed(device: torch.device, sizes: list[int], steps: int,
                 k[0] += 1
 
             ms = _time(step, device, steps) * 1e3
-            rows = math.ceil(rate * n)
-            a = torch.randn(b, d, device=device)
-            wt = torch.randn(rows, d, device=device)
+            a = torch.randn(b, d, device=device, dtype=dtype)
+            wt = torch.randn(head.softmax_rows_per_step(), d, device=device, dtype=dtype)
             gemm = _time(lambda a=a, wt=wt: a @ wt.t(), device, steps) * 1e3
             floor = 3 * gemm  # the three GEMMs have the same FLOPs
             full_ms = ms if rate >= 1.0 else full_ms
             vs = f", {ms / full_ms:.3f} x the full softmax" if full_ms and rate < 1.0 else ""
-            print(f"head N={n:>9,} rate {rate:g}: {ms:8.2f} ms/step, matmul floor "
-                  f"{floor:7.2f} ms ({floor / ms:5.1%} of floor){vs}")
-            del head, opt, wt
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            peak = (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                    if device.type == "cuda" else "")
+            print(f"head {mode} {name} N_id=N_seq={n:>10,} rate {rate:g}: {ms:8.2f} ms/step, "
+                  f"matmul floor {floor:7.2f} ms ({floor / ms:5.1%} of floor){vs}{peak}; "
+                  f"built in {build_s:.0f} s")
+            del a, wt
+        del head, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def backbones(device: torch.device, steps: int, batch: int) -> None:
@@ -150,12 +162,14 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     contract(device)
     contract(device, sample_rate=0.1)
-    try:  # a probe: the head has no bf16 mode of its own yet (fp32 softmax statistics)
-        contract(device, dtype=torch.bfloat16)
-    except Exception as e:  # noqa: BLE001 - printed: what a bf16 W does today
-        print(f"contract on {device} (bf16 W): {type(e).__name__}: {e}")
+    contract(device, dtype=torch.bfloat16)  # train.head_precision: bf16
+    contract(device, dtype=torch.bfloat16, sample_rate=0.1)
     small = device.type == "cpu"
-    head_speed(device, [20_000] if small else [100_000, 1_000_000], 2 if small else args.steps)
+    steps = 2 if small else args.steps
+    head_speed(device, [20_000] if small else [100_000, 1_000_000], steps)
+    head_speed(device, [20_000] if small else [1_000_000], steps, dtype=torch.bfloat16)
+    # The whole 10M + 10M head on one device, bf16 (~75 GiB at rate 1 in lsr).
+    head_speed(device, [30_000] if small else [10_000_000], steps, dtype=torch.bfloat16)
     backbones(device, 1 if small else args.steps, 4 if small else 128)
 
 

@@ -184,13 +184,19 @@ class PartitionedHead(nn.Module):
         return sample_negatives(self.centers.shape[0], self.cfg.dsa_p, generator=g,
                                 mode=self.cfg.dsa_sampler)
 
+    def softmax_rows_per_step(self) -> int:
+        """Rows of this rank's W block a step's softmax runs over (the sampled ones, at
+        least; more only when the batch's positives here outnumber them)."""
+        n = self.weight.shape[0]
+        return n if self.cfg.sampled_softmax_fraction >= 1.0 else math.ceil(
+            self.cfg.sampled_softmax_fraction * n)
+
     def draw_classifier_rows(self, positives: torch.Tensor, step: int) -> torch.Tensor:
         """This rank's sampled rows of W for ``step`` (sampled softmax): ``positives`` plus
         uniform negatives up to ceil(fraction * local rows), seeded by (seed, rank, step)."""
         g = torch.Generator(device=self.weight.device)
         g.manual_seed(((self.spec.seed * 1_000_003 + step) * 65_537 + self.rank) * 2 + 1)
-        n = self.weight.shape[0]
-        return sample_rows(n, positives, math.ceil(self.cfg.sampled_softmax_fraction * n),
+        return sample_rows(self.weight.shape[0], positives, self.softmax_rows_per_step(),
                            generator=g)
 
     def local_rows_of(self, center_index: torch.Tensor) -> torch.Tensor:
