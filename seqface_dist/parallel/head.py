@@ -13,12 +13,29 @@ identity rows, then its sequence rows). Per step each rank sends O(B·D) for the
 features plus O(B) scalars, whatever N_id and N_seq are. Keep the head *out* of any
 data-parallel wrapper: DeepSpeed/DDP would broadcast and average the row blocks.
 The output loss is the global batch's loss, equal on every rank.
+
+Sampled softmax (``loss.sampled_softmax_fraction`` f < 1, Partial FC's idea): per step each
+rank takes the rows of its W block that are targets of the global batch ("positives") plus
+rows drawn uniformly from the rest, ceil(f * n_local) in all, seeded by (seed, rank, step).
+The softmax of every sample runs over the union S of all ranks' sampled rows, with the
+margin on its target as before; W's gradient lives on the sampled rows and the optimizer
+updates only them (InPlaceSGD ``lazy_rows``). Like Partial FC, the partition function is
+not corrected for the rows left out: lse over S is the estimate of lse over all rows.
+LSR's uniform target (``lsr``) is taken over the sampled identity rows S_id (all ranks):
+l_i = lse_{c in S} z_ic - (1/|S_id|) sum_{c in S_id} z_ic, gradient p^S_ic - 1/|S_id| on
+S_id. With uniform draws the mean over S_id is an unbiased estimate of the mean over all
+N_id logits up to the batch's own positives (always kept, a share of ~B/|S_id|), so the
+term keeps its meaning, "no identity preferred", over what the sample sees.
+
+A bf16 head (``dtype=torch.bfloat16``, ``train.head_precision: bf16``) stores W, the centers
+and their momentum in bf16 and computes everything else in fp32 (see chief.py, optim.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -50,6 +67,14 @@ class HeadSpec:
             raise ValueError(f"HeadSpec.num_sequences must be >= 0, got {self.num_sequences}")
         if self.dim < 1:
             raise ValueError(f"HeadSpec.dim must be >= 1, got {self.dim}")
+
+
+class SoftmaxBlock(NamedTuple):
+    """The W rows a step's softmax runs over on this rank."""
+
+    rows: torch.Tensor | None  # sorted local rows (sampled softmax), or None: all of them
+    n_id_cols: int  # identity rows among them (they come first)
+    num_identities: int  # identity rows of every rank: LSR's uniform target runs over them
 
 
 @dataclass
@@ -305,14 +330,12 @@ class PartitionedHead(nn.Module):
         return per, counts
 
     def _sampled_block(self, target_col: torch.Tensor, step: int,
-                       classifier_rows: torch.Tensor | None, lsr: bool) -> dict:
-        """The W block a step's softmax runs over: all local rows, or (sampled softmax) the
-        sorted local rows drawn for this step (the batch's positives always among them),
-        with the number of its identity columns here and, for LSR, over all ranks."""
+                       classifier_rows: torch.Tensor | None, lsr: bool) -> SoftmaxBlock:
+        """All local rows of W, or (sampled softmax) the sorted local rows drawn for this
+        step, the batch's positives always among them."""
         n_id_cols = self.id_rows[1] - self.id_rows[0]
         if classifier_rows is None and self.cfg.sampled_softmax_fraction >= 1.0:
-            return {"rows": None, "n_id_cols": n_id_cols,
-                    "num_identities": self.spec.num_identities}
+            return SoftmaxBlock(None, n_id_cols, self.spec.num_identities)
         positives = target_col[target_col >= 0]
         if classifier_rows is None:
             rows = self.draw_classifier_rows(positives, step)
@@ -325,19 +348,17 @@ class PartitionedHead(nn.Module):
         if lsr:  # LSR's uniform target runs over the sampled identity rows of every rank
             total = torch.tensor([n_id_sampled], dtype=torch.long, device=rows.device)
             num_identities = int(self.comm.all_reduce_(total))
-        return {"rows": rows, "n_id_cols": n_id_sampled, "num_identities": num_identities}
+        return SoftmaxBlock(rows, n_id_sampled, num_identities)
 
-    def _block(self, fn, target_col, uniform, hide_id, hide_seq, lam, block: dict):
-        rows = block["rows"]
-        if rows is not None:  # local W row -> column of the sampled block
+    def _block(self, fn, target_col, uniform, hide_id, hide_seq, lam, block: SoftmaxBlock):
+        if block.rows is not None:  # local W row -> column of the sampled block
             target_col = torch.where(target_col >= 0,
-                                     torch.searchsorted(rows, target_col.clamp_min(0)),
+                                     torch.searchsorted(block.rows, target_col.clamp_min(0)),
                                      target_col)
         return BlockMarginSoftmax.apply(fn.to(self.weight.dtype), self.weight, target_col,
-                                        uniform, hide_id,
-                                        hide_seq, self.comm, self.margin, lam,
-                                        block["num_identities"], block["n_id_cols"],
-                                        self.workspace, rows)
+                                        uniform, hide_id, hide_seq, self.comm, self.margin,
+                                        lam, block.num_identities, block.n_id_cols,
+                                        self.workspace, block.rows)
 
     # -- optimisation ----------------------------------------------------------------------
 
