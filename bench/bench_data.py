@@ -31,20 +31,17 @@ import os
 import random
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 import psutil
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from seqface_dist.config import DataConfig  # noqa: E402
-from seqface_dist.data import images, s3, tario  # noqa: E402
-from seqface_dist.data.build import write_shard_set  # noqa: E402
-from seqface_dist.data.loader import make_train_loader  # noqa: E402
-from seqface_dist.data.testing import local_s3  # noqa: E402
+from seqface_dist.config import DataConfig
+from seqface_dist.data import images, s3, tario
+from seqface_dist.data.build import write_shard_set
+from seqface_dist.data.loader import make_train_loader
+from seqface_dist.data.testing import local_s3
 
 SIZE = (112, 112)
 

@@ -20,8 +20,6 @@ Without one:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from functools import partial
 
@@ -30,10 +28,8 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from seqface_dist.data.batchring import BatchRing  # noqa: E402
-from seqface_dist.data.batchworkers import BatchWorkers  # noqa: E402
+from seqface_dist.data.batchring import BatchRing
+from seqface_dist.data.batchworkers import BatchWorkers
 
 SHAPE = (64, 112, 112, 3)
 

@@ -27,15 +27,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
-
-from seqface_dist.config import SEQUENCE_MODES
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _head_common import (  # noqa: E402  (bench/ is not a package)
+from head_common import (
     GB,
     Setup,
     count_passes,
@@ -47,6 +41,8 @@ from _head_common import (  # noqa: E402  (bench/ is not a package)
     run_processes,
     setup_dict,
 )
+
+from seqface_dist.config import SEQUENCE_MODES
 
 FULL = {"memory_n": 1_000_000, "comm_n": (10_000, 1_000_000), "speed_n": (100_000, 1_000_000),
         "scale_n": 10_000_000, "dim": 512, "batch": 256, "steps": 2}

@@ -16,17 +16,13 @@ Prints each round and the medians of the per-round ratios. Figures, not asserts.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_data import SIZE, build_sets, decode_bound, loader_rate
 
-from bench_data import SIZE, build_sets, decode_bound, loader_rate  # noqa: E402
-
-from seqface_dist.data import images, stream  # noqa: E402
-from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
+from seqface_dist.data import images, stream
+from seqface_dist.data.manifest import resolve_shard_set
 
 
 def main() -> None:

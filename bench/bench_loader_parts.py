@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import random
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+from bench_data import SIZE, build_sets
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bench_data import SIZE, build_sets  # noqa: E402
-
-from seqface_dist.config import DataConfig  # noqa: E402
-from seqface_dist.data import images, tario  # noqa: E402
-from seqface_dist.data.augment import augment_batch  # noqa: E402
-from seqface_dist.data.loader import make_train_loader  # noqa: E402
-from seqface_dist.data.manifest import resolve_shard_set  # noqa: E402
-from seqface_dist.data.stream import ShardReader, kind_stream, shard_refs  # noqa: E402
+from seqface_dist.config import DataConfig
+from seqface_dist.data import images, tario
+from seqface_dist.data.augment import augment_batch
+from seqface_dist.data.loader import make_train_loader
+from seqface_dist.data.manifest import resolve_shard_set
+from seqface_dist.data.stream import ShardReader, kind_stream, shard_refs
 
 
 def cpu_per_item(fn, repeats: int) -> float:

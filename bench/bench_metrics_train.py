@@ -23,20 +23,17 @@ import json
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from seqface_dist.config import load_named  # noqa: E402
-from seqface_dist.data.mnist import write_mnist_shards  # noqa: E402
-from seqface_dist.metrics import sd_path  # noqa: E402
-from seqface_dist.train.driver import local_ray, run  # noqa: E402
-from seqface_dist.train.history import history_path  # noqa: E402
+from seqface_dist.config import load_named
+from seqface_dist.data.mnist import write_mnist_shards
+from seqface_dist.metrics import sd_path
+from seqface_dist.train.driver import local_ray, run
+from seqface_dist.train.history import history_path
 
 LOG_EVERY = 10
 

@@ -36,19 +36,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from bench_data import face_like
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bench_data import face_like  # noqa: E402  (bench/ is on sys.path: run as a script)
-
-from seqface_dist.config import config_from_dict  # noqa: E402
+from seqface_dist.config import config_from_dict
 
 # log_every 10 is the config default: a ray.train.report every 10 steps (see RESULTS.md on
 # what shorter intervals cost).

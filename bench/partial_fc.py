@@ -17,7 +17,7 @@ fresh module; the patches, each applied where its pattern occurs (the count is r
 Nothing else is changed: ``losses.py`` has no CUDA use (its tensors follow ``logits.device``).
 
 ``partial_fc_worker`` times PartialFC_V2 on the same global batch per step as
-``_head_common.head_worker``. Partial FC has no sequences: it gets *all* B samples of
+``head_common.head_worker``. Partial FC has no sequences: it gets *all* B samples of
 ``global_batch``, with labels ``t % num_identities`` (identity labels unchanged, a sequence
 sample folded onto an identity class), so its logits are the same B x N_id / R per rank as the
 head's identity block and each rank keeps the equal local batch Partial FC requires. The margin
@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 import types
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _head_common import (  # noqa: E402  (bench/ is not a package)
+from head_common import (
     LR,
     MOMENTUM,
     WEIGHT_DECAY,

@@ -8,19 +8,14 @@ import gzip
 import json
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-# experiments/ is a folder of scripts at the repository root, not part of the installed
-# package: make it importable however pytest was started.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments import cjk_sensitivity, cjk_table, mnist_2d  # noqa: E402
-from experiments.cjk_table import command_for, split_glyphs  # noqa: E402
-from experiments.glyphs import (  # noqa: E402
+from experiments import cjk_sensitivity, cjk_table, mnist_2d
+from experiments.cjk_table import command_for, split_glyphs
+from experiments.glyphs import (
     PRINT_FONTS,
     RESERVED_FROM,
     FontSpec,
@@ -30,7 +25,7 @@ from experiments.glyphs import (  # noqa: E402
     claimed_code_points,
     require_fonts,
 )
-from seqface_dist.data.mnist import load_mnist  # noqa: E402
+from seqface_dist.data.mnist import load_mnist
 
 TWO_FONTS_REASON = ("the CJK experiment needs at least 2 of the fonts in experiments.glyphs."
                     "FONTS (a character needs two renders for a genuine pair); install e.g. "

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from _head_common import Setup, run_processes, setup_dict  # noqa: E402
-from partial_fc import load_partial_fc, partial_fc_worker  # noqa: E402
+from head_common import Setup, run_processes, setup_dict
+from partial_fc import load_partial_fc, partial_fc_worker
 
 SNAPSHOT = os.environ.get("SEQFACE_PARTIAL_FC_SNAPSHOT")
 needs_snapshot = pytest.mark.skipif(
