@@ -120,12 +120,11 @@ class BlockMarginSoftmax(torch.autograd.Function):
         weight = param if row_index is None else param[row_index]
         acc = torch.promote_types(weight.dtype, torch.float32)  # statistics: fp32 at least
         eps = torch.finfo(acc).tiny
-        inv_wnorm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(eps)
-        inv_wnorm.reciprocal_()
+        inv_wnorm = _row_norms(weight, acc).clamp_min_(eps).reciprocal_()
         # GEMM 1, into the block's only B x n buffer.
         z = workspace.take("logits", (fn.shape[0], weight.shape[0]), fn)
         torch.mm(fn, weight.t(), out=z)
-        z.mul_(inv_wnorm)  # cosines
+        z.mul_(inv_wnorm.to(z.dtype))  # cosines
         rows = (target_col >= 0).nonzero().squeeze(1)
         cols = target_col[rows]
         with torch.enable_grad():  # d margin / d cos, for the backward
@@ -148,10 +147,11 @@ class BlockMarginSoftmax(torch.autograd.Function):
         comm.all_reduce_(rowmax, op="max")
         stats = torch.zeros(3, b, dtype=acc, device=z.device)
         if bool(uniform.any()):  # LSR needs the mean logit over all N_id classes
-            stats[2] = z[:, :n_id_cols].sum(dim=1, dtype=acc)
+            stats[2] = _row_sums(z[:, :n_id_cols], acc)
         stats[1, rows] = g_t.detach() * spec.scale  # = z[rows, cols], kept in fp32 or wider
-        z.sub_(rowmax[:, None]).exp_()
-        stats[0] = z.sum(dim=1, dtype=acc)
+        # rowmax is one of the (bf16) logits, so subtracting it in z's dtype is exact.
+        z.sub_(rowmax.to(z.dtype)[:, None]).exp_()
+        stats[0] = _row_sums(z, acc)
         comm.all_reduce_(stats)
         sumexp, target, rowsum = stats
         lse = rowmax + sumexp.log()
@@ -167,14 +167,16 @@ class BlockMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         z, sumexp, fn, weight, inv_wnorm, rows, cols, dg_x, dg_w, uniform = ctx.saved_tensors
-        g = z.div_(sumexp[:, None])  # probabilities p_ic, in place (0 on hidden columns)
+        # Every in-place operand in z's dtype: a wider one would make torch materialise
+        # the whole B x n buffer in it (bf16 head: twice its size).
+        g = z.div_(sumexp.to(z.dtype)[:, None])  # probabilities p_ic (0 on hidden columns)
         if bool(uniform.any()):  # LSR: q = 1/N_id over the identity columns
             g[:, :ctx.n_id_cols].sub_((uniform.to(g.dtype) / ctx.num_identities)[:, None])
         g[rows, cols] -= 1.0  # classification rows: q = one-hot
-        g.mul_((grad_loss * ctx.scale)[:, None])  # dL/dcos (before the margin)
+        g.mul_((grad_loss * ctx.scale).to(g.dtype)[:, None])  # dL/dcos (before the margin)
         g_t = g[rows, cols]  # dL/d(margin cos) of the targets owned here
         g[rows, cols] = (g_t * dg_w).to(g.dtype)
-        g.mul_(inv_wnorm)  # dL/d(fn . w_c) with cos = fn . w_c / |w_c|
+        g.mul_(inv_wnorm.to(g.dtype))  # dL/d(fn . w_c) with cos = fn . w_c / |w_c|
         grad_fn = g @ weight  # GEMM 2
         if dg_x is not dg_w:  # the reference's feature path: its own target coefficient
             coef = (g_t * (dg_x - dg_w) * inv_wnorm[cols])[:, None]
@@ -201,6 +203,28 @@ class BlockMarginSoftmax(torch.autograd.Function):
             param.grad = grad_w  # stays ours: reused next step once the optimizer is done
             ctx.workspace.give_back("grad_w", grad_w)
         return (grad_fn,) + (None,) * 12
+
+
+def _row_norms(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """|w_c| in ``acc``, a row chunk at a time when that is wider than W (never a whole
+    upcast copy of the block)."""
+    if weight.dtype == acc:
+        return weight.norm(dim=1)
+    return torch.cat([torch.linalg.vector_norm(weight[s:s + _ROWDOT_CHUNK], dim=1, dtype=acc)
+                      for s in range(0, weight.shape[0], _ROWDOT_CHUNK)] or
+                     [weight.new_zeros(0, dtype=acc)])
+
+
+def _row_sums(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Row sums of a B x n buffer accumulated in ``acc``, a column chunk at a time when that
+    is wider than x (torch would otherwise upcast the whole buffer first)."""
+    if x.dtype == acc:
+        return x.sum(dim=1)
+    cols = max(1, (_ROWDOT_CHUNK * 64) // max(1, x.shape[0]))
+    out = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+    for s in range(0, x.shape[1], cols):
+        out += x[:, s:s + cols].sum(dim=1, dtype=acc)
+    return out
 
 
 def _cos_row_correction_(grad_w: torch.Tensor, weight: torch.Tensor,
