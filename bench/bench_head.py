@@ -26,6 +26,7 @@ footprint exceeds MemAvailable is skipped with a message (the machine is shared)
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import torch
@@ -48,6 +49,13 @@ FULL = {"memory_n": 1_000_000, "comm_n": (10_000, 1_000_000), "speed_n": (100_00
         "scale_n": 10_000_000, "dim": 512, "batch": 256, "steps": 2}
 QUICK = {"memory_n": 3_000, "comm_n": (500, 5_000), "speed_n": (2_000, 4_000),
          "scale_n": 40_000, "dim": 32, "batch": 16, "steps": 2}
+
+
+RESULT: dict[str, list[dict]] = {}  # every figure printed, by section: the final JSON line
+
+
+def _record(section: str, **figures) -> None:
+    RESULT.setdefault(section, []).append(figures)
 
 
 def _gb(x: float) -> str:
@@ -111,8 +119,11 @@ def bench_memory(sz: dict, force: bool) -> None:
     if not _fits("memory", _head_need(s), force):
         return
     for res in _run_head(s):
-        _print_memory(res, s)
+        x_ideal = _print_memory(res, s)
         print(f"      bytes sent per step: {res['bytes_per_step']}")
+        _record("memory", mode=s.mode, n=n, rank=res["rank"], x_ideal=x_ideal,
+                peak_gb=(res["peak_rss"] - res["baseline_rss"]) / GB,
+                bytes_per_step=res["bytes_per_step"])
 
 
 # -- 2. communication -----------------------------------------------------------------------
@@ -129,12 +140,14 @@ def bench_comm(sz: dict, force: bool) -> None:
         per_rank = [sorted(set(r["bytes_per_step"])) for r in res]
         seen[n] = per_rank
         feat = s.local_batch * s.dim * 4
+        _record("comm", mode=s.mode, n=n, bytes_per_step=per_rank)
         print(f"  N_id = N_seq = {n:>10,}: bytes/step per rank {per_rank} "
               f"(features gathered {feat:,} B/rank; their gradient all-reduced "
               f"{s.batch * s.dim * 4:,} B)")
     if len(seen) == len(sz["comm_n"]) > 1:
         values = {str(v) for v in seen.values()}
         print(f"  bytes/step equal across N_id: {len(values) == 1}")
+        _record("comm_equal_across_n", mode=sz["mode"], equal=len(values) == 1)
 
 
 # -- 3. speed ---------------------------------------------------------------------------------
@@ -152,8 +165,12 @@ def _print_partial_fc(s: Setup, rate: float, snapshot: str, ours_ms: float | Non
     slow = max(res, key=lambda r: statistics.median(r["cpu_s"]))
     ms = statistics.median(slow["cpu_s"]) * 1e3
     ratio = f"; ours / Partial FC (CPU) {ours_ms / ms:.3f}" if ours_ms else ""
+    commit = snapshot_commit(snapshot) or "?"
     print(f"    Partial FC R = {s.world} sample rate {rate:g} (slowest rank {slow['rank']}, "
-          f"insightface {(snapshot_commit(snapshot) or '?')[:12]})  {_wall_cpu(slow)}{ratio}")
+          f"insightface {commit[:12]})  {_wall_cpu(slow)}{ratio}")
+    _record("partial_fc", n=s.num_identities, world=s.world, rate=rate, cpu_ms=ms,
+            wall_ms=statistics.median(slow["step_s"]) * 1e3, commit=commit,
+            ours_over_partial_fc=ours_ms / ms if ours_ms else None)
 
 
 def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bool = False,
@@ -177,6 +194,8 @@ def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bo
                 dense_ms, dense_loss0 = ms, res["losses"][0]
             print(f"    {name:28s} {_wall_cpu(res)}   peak RSS - baseline "
                   f"{_gb(res['peak_rss'] - res['baseline_rss'])}   loss[0] {res['losses'][0]:.6f}")
+            _record("dense", n=n, sparse_center_grad=sparse, cpu_ms=ms,
+                    wall_ms=statistics.median(res["step_s"]) * 1e3, loss0=res["losses"][0])
         for world, rate in [(w, r) for w in worlds for r in sample_rates]:
             s = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=sz["steps"],
                       gemm_reps=2 if n >= 1_000_000 else 3, sample_rate=rate)
@@ -190,11 +209,17 @@ def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bo
             sampled = f"   sample rate {rate:g}" if rate < 1.0 else ""
             print(f"    head R = {world} (slowest rank {slow['rank']})  {_wall_cpu(slow)} "
                   f"= {ratio}   loss[0] {slow['losses'][0]:.6f}{sampled}")
+            gap = None
+            if world == 1 and rate >= 1.0 and dense_loss0 is not None:
+                gap = abs(slow["losses"][0] - dense_loss0)
+                print(f"      same data as dense: |loss[0] head - dense| = {gap:.2e}")
+            floors = [sum(r["gemm_s"].values()) / statistics.median(r["cpu_s"]) for r in res]
+            _record("head", n=n, world=world, rate=rate, cpu_ms=ms,
+                    wall_ms=statistics.median(slow["step_s"]) * 1e3, loss0=slow["losses"][0],
+                    vs_dense=ms / dense_ms if dense_ms and rate >= 1.0 else None,
+                    loss0_gap_vs_dense=gap, floor_fraction=min(floors))
             if partial_fc:
                 _print_partial_fc(s, rate, partial_fc, ms)
-            if world == 1 and rate >= 1.0 and dense_loss0 is not None:
-                print(f"      same data as dense: |loss[0] head - dense| = "
-                      f"{abs(slow['losses'][0] - dense_loss0):.2e}")
             for r in res:
                 floor_s = sum(r["gemm_s"].values())
                 flops = 3 * 2 * s.batch * s.dim * r["n_gemm_rows"]
@@ -228,6 +253,9 @@ def bench_passes() -> None:
     names = sorted({x.removeprefix("aten::") for x in res["sparse"]})
     print(f"  not passes: {len(res['sparse'])} ops on the sparse center update's <= B rows "
           f"({' '.join(names)})")
+    _record("passes", gemms=len(res["gemms"]),
+            **{f"{key}_ops": [x.removeprefix("aten::") for x in res[key]]
+               for key in ("logits", "W", "C")}, sparse_ops=len(res["sparse"]))
 
 
 # -- 4. scale plan ----------------------------------------------------------------------------
@@ -245,9 +273,12 @@ def bench_scale(sz: dict, force: bool, extrapolate: bool = False, sample_rate: f
         print(f"      ideal  {k:34s} {_gb(v)}")
     total = sum(ideal.values())
     print(f"      ideal  {'total':34s} {_gb(total)} (goal <= 20 GB)")
+    plan = dict(mode=s.mode, rate=sample_rate, dtype=head_dtype, ideal_gb=total / GB)
     if _fits("the R = 8 block", _head_need(s), force):
         (res,) = _run_head(s)
-        _print_memory(res, s)
+        x_ideal = _print_memory(res, s)
+        _record("scale", **plan, peak_gb=(res["peak_rss"] - res["baseline_rss"]) / GB,
+                x_ideal=x_ideal, step_cpu_s=statistics.median(res["cpu_s"]))
         if not extrapolate:
             return
     # Measure smaller shares of the same matrices and extrapolate (memory is linear in rows).
@@ -256,6 +287,7 @@ def bench_scale(sz: dict, force: bool, extrapolate: bool = False, sample_rate: f
         part = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=1, solo_rank=0,
                      mode=sz["mode"], sample_rate=sample_rate, head_dtype=head_dtype)
         if not _fits(f"the R = {world} block", _head_need(part), force):
+            _record("scale", **plan, peak_gb=None, projected_gb=None)
             return
         (res,) = _run_head(part)
         used = res["peak_rss"] - res["baseline_rss"]
@@ -268,6 +300,7 @@ def bench_scale(sz: dict, force: bool, extrapolate: bool = False, sample_rate: f
     slope = (u2 - u1) / (r2 - r1)
     n_id8, n_c8 = local_rows(s, 0)
     projected = u2 + slope * (n_id8 + n_c8 - r2)
+    _record("scale", **plan, projected_gb=projected / GB, x_ideal=projected / total)
     print(f"    projected R = 8 peak (linear in rows): {_gb(projected)} "
           f"= {projected / total:.3f} x ideal (goal <= 20 GB)")
 
@@ -339,6 +372,7 @@ def main() -> None:
                                      for d in args.head_dtype]:
                 bench_scale(szm, args.force, extrapolate=args.quick,  # quick: both paths
                             sample_rate=rate, head_dtype=dtype)
+    print(json.dumps({"bench": "head", "args": vars(args), **RESULT}))  # the last line
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ update is sparse: no zero-fill, no full-block scaling, no dense update buffer).
 
 from __future__ import annotations
 
-import re
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,14 +27,21 @@ def test_bench_head_quick_runs_end_to_end():
     for section in ("== memory", "== communication", "== speed", "== passes", "== scale plan"):
         assert section in out, f"missing section {section!r}:\n{out}"
     assert "SKIPPED" not in out, out
-    assert "bytes/step equal across N_id: True" in out, out
-    gaps = [float(x) for x in re.findall(r"\|loss\[0\] head - dense\| = (\S+)", out)]
-    assert len(gaps) == 2 and all(g < 1e-4 for g in gaps), out
-    assert len(re.findall(r"head R = \d .* wall .* sample rate 0.5", out)) == 4, out
-    assert "GEMMs on the big operands (3)" in out, out
-    assert "other ops on the n_c x D center block (2): mul_ add_" in out, out
-    assert "ops on the sparse center update" in out, out
-    assert "projected R = 8 peak" in out, out
-    for rate in ("1", "0.5"):  # the scale plan per sample rate and head dtype
-        for dtype in ("fp32", "bf16"):
-            assert f"sample rate {rate}, head {dtype}" in out, out
+    res = json.loads(out.strip().splitlines()[-1])  # the figures, as the last line
+    assert res["bench"] == "head" and res["args"]["quick"] is True
+    assert len(res["memory"]) == 2 and all(m["peak_gb"] > 0 for m in res["memory"])
+    assert res["comm_equal_across_n"] == [{"mode": "lsr", "equal": True}]
+    heads = res["head"]
+    assert {(h["world"], h["rate"]) for h in heads} == {(w, r) for w in (1, 2)
+                                                       for r in (1.0, 0.5)}
+    assert all(h["cpu_ms"] > 0 and h["floor_fraction"] > 0 for h in heads)
+    gaps = [h["loss0_gap_vs_dense"] for h in heads if h["loss0_gap_vs_dense"] is not None]
+    assert len(gaps) == 2 and all(g < 1e-4 for g in gaps), heads  # R = 1 sees the dense data
+    (passes,) = res["passes"]
+    assert passes["gemms"] == 3
+    assert passes["C_ops"] == ["mul_", "add_"], passes
+    assert passes["sparse_ops"] > 0
+    # The scale plan per sample rate and head dtype (quick: measured and projected).
+    plans = {(p["rate"], p["dtype"]) for p in res["scale"]}
+    assert plans == {(r, d) for r in (1.0, 0.5) for d in ("fp32", "bf16")}, res["scale"]
+    assert all(p.get("peak_gb") or p.get("projected_gb") for p in res["scale"])
