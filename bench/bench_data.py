@@ -19,13 +19,14 @@ Each round measures the bound, local and S3 back to back; the ratios (S3 / local
 their median printed, because a shared machine's speed drifts by 10-30 % between minutes.
 - webdataset: the same local shards through webdataset's own pipeline (``wds_rate``), in
   the same round, and the ratio ours / it.
-Figures, not asserts.
+Figures, not asserts; the last line of stdout is one JSON object holding them.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import multiprocessing as mp
 import os
 import random
@@ -196,23 +197,31 @@ def main() -> None:
                          "ratios are taken within each round (shared machines drift)")
     args = ap.parse_args()
 
+    summary: dict = {"bench": "data", "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp, local_s3("bench") as endpoint:
         t = time.perf_counter()
         ids, seqs, blobs = build_sets(tmp, args.samples)
         for kind in ("ids", "seqs"):  # the same bytes in S3
             for name in os.listdir(f"{tmp}/{kind}"):
                 s3.put_file(f"{tmp}/{kind}/{name}", f"s3://bench/{kind}/{name}")
+        mean_kb, build_s = np.mean([len(b) for b in blobs]) / 1e3, time.perf_counter() - t
         print(f"built 2 x {args.samples} samples of {SIZE[0]}x{SIZE[1]} "
-              f"(mean JPEG {np.mean([len(b) for b in blobs]) / 1e3:.1f} kB) "
-              f"locally and in S3 in {time.perf_counter() - t:.1f} s")
+              f"(mean JPEG {mean_kb:.1f} kB) "
+              f"locally and in S3 in {build_s:.1f} s")
+        summary.update(samples_per_kind=args.samples, image_size=list(SIZE),
+                       mean_jpeg_kb=float(mean_kb), build_s=build_s)
 
         decoders = ["pil"] + (["simplejpeg"] if images._sj is not None else [])
+        summary["decoders_images_per_s"] = {}
         for d in decoders:
             for into in (False, True):
                 n, dt = decode_loop((blobs[:2000], d, 1, into))
                 where = "into a reused array" if into else "into new arrays"
                 print(f"decoder {d:11s}: {n / dt:8.0f} images/s (1 process, {where})")
+                summary["decoders_images_per_s"].setdefault(d, {})[where] = n / dt
         best = images.decoder_name()
+        summary["decode_bound_decoder"] = best
+        summary["rounds"] = []
         local_ratios, s3_ratios, wds_ratios = [], [], []
         for r in range(args.rounds):
             bound = decode_bound(blobs, args.workers, best, args.epochs)
@@ -231,6 +240,13 @@ def main() -> None:
                   f"local/bound {local / bound:.2f}, S3/local {s3rate / local:.2f}; "
                   f"webdataset pipeline local {wds_local:6.0f} samples/s, ours / it "
                   f"{local / wds_local:.2f}")
+            summary["rounds"].append({
+                "round": r + 1, "decode_bound_images_per_s": bound,
+                "loader_local_samples_per_s": local, "main_process_cores": main_cpu,
+                "worker_cores": worker_cpu, "loader_s3_samples_per_s": s3rate,
+                "local_over_bound": local / bound, "s3_over_local": s3rate / local,
+                "webdataset_local_samples_per_s": wds_local,
+                "ours_over_webdataset": local / wds_local})
         print(f"median over {args.rounds} rounds: local / decode bound = "
               f"{statistics.median(local_ratios):.2f} (range "
               f"{min(local_ratios):.2f}-{max(local_ratios):.2f}); S3 / local = "
@@ -238,6 +254,13 @@ def main() -> None:
               f"{min(s3_ratios):.2f}-{max(s3_ratios):.2f}); ours / webdataset pipeline = "
               f"{statistics.median(wds_ratios):.2f} (range {min(wds_ratios):.2f}-"
               f"{max(wds_ratios):.2f})")
+        summary["medians"] = {}
+        for key, ratios in (("local_over_bound", local_ratios), ("s3_over_local", s3_ratios),
+                            ("ours_over_webdataset", wds_ratios)):
+            summary["medians"][key] = {"median": statistics.median(ratios),
+                                       "min": min(ratios), "max": max(ratios)}
+    print(json.dumps(summary))  # the last line: the figures above, for tests and tools
+
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,8 @@
 
 Workers that do no decoding (they fill each batch with one value) hand 64 x 112 x 112 x 3
 batches to the main process in several ways; per way, samples/s and the main process's CPU
-share while it receives (psutil). Figures, not asserts. Through a DataLoader:
+share while it receives (psutil). Figures, not asserts; the last line of stdout is one JSON
+object holding them. Through a DataLoader:
 - ``fresh float32``: a new normalised float tensor per batch (the loader before the ring);
 - ``fresh uint8``: a new uint8 tensor per batch; the DataLoader's pickler moves each to a
   new shared-memory segment (page faults) and passes its file descriptor over a socket;
@@ -20,6 +21,7 @@ Without one:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from functools import partial
 
@@ -103,11 +105,16 @@ def main() -> None:
     # The main process keeps torch's default intra-op threads, as a trainer does.
     print(f"{args.workers} workers, batches of {'x'.join(map(str, SHAPE))} uint8 "
           f"({np.prod(SHAPE) / 1e6:.1f} MB), {args.batches} batches per way")
+    ways: dict[str, dict[str, float]] = {}
     for way, lend in (("fresh float32", 0), ("fresh uint8", 0), ("ring, torch clone", 0),
                       ("ring, copy", 0), ("ring, lend", 2), ("own workers, lend", 2)):
         rate, main_cpu = measure(way, args.batches, args.workers, lend)
         print(f"{way:17s}: {rate:8.0f} samples/s, main process {main_cpu:.2f} CPU "
               f"({main_cpu / rate * 1e6:.1f} us of main CPU per sample)")
+        ways[way] = {"samples_per_s": rate, "main_process_cpu": main_cpu,
+                     "main_cpu_us_per_sample": main_cpu / rate * 1e6}
+    print(json.dumps({"bench": "handoff", "args": vars(args), "batch_shape": list(SHAPE),
+                      "batch_mb": float(np.prod(SHAPE)) / 1e6, "ways": ways}))  # the last line
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ bound, in rounds measured back to back, in three variants:
   faster tar/JSON code;
 - ``pre-parsed, no flip``: the same without the random flip: what is left is the shuffle
   buffer, decoding into the batch and the handoff to the main process.
-Prints each round and the medians of the per-round ratios. Figures, not asserts.
+Prints each round and the medians of the per-round ratios. Figures, not asserts; the last
+line of stdout is one JSON object holding them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 
@@ -44,6 +46,7 @@ def main() -> None:
 
         ratios: dict[str, list[float]] = {"real": [], "pre-parsed": [],
                                           "pre-parsed, no flip": []}
+        rounds: list[dict] = []
         for r in range(args.rounds):
             bound = decode_bound(blobs, 2, images.decoder_name(), 2)
             for name in ratios:
@@ -54,8 +57,13 @@ def main() -> None:
             stream.ShardReader.raw_samples = real
             print(f"round {r + 1}: decode bound {bound:6.0f} images/s; loader / bound: "
                   + ", ".join(f"{k} {v[-1]:.2f}" for k, v in ratios.items()), flush=True)
+            rounds.append({"round": r + 1, "decode_bound_images_per_s": bound,
+                           "loader_over_bound": {k: v[-1] for k, v in ratios.items()}})
         print(f"median over {args.rounds} rounds: "
               + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in ratios.items()))
+    print(json.dumps({"bench": "loader_ceiling", "args": vars(args), "rounds": rounds,
+                      "median_loader_over_bound": {k: statistics.median(v)
+                                                   for k, v in ratios.items()}}))  # last line
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ One process, the shard sets of ``bench_data.py`` (112x112 JPEGs, 32 identities +
 sequences per batch), CPU time per sample (best of ``--repeats``) of each stage alone and of
 the whole worker loop (the train loader run in-process, ``num_workers=0``). Whatever the whole
 loop costs beyond the JPEG decode is what keeps the loader below the decode bound.
-Figures, not asserts.
+Figures, not asserts; the last line of stdout is one JSON object holding them.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import random
 import tempfile
 import time
@@ -37,6 +38,11 @@ def cpu_per_item(fn, repeats: int) -> float:
         n = fn()
         best = min(best, (time.process_time() - t) / n * 1e6)
     return best
+
+
+def json_name(printed: str) -> str:
+    """A stage's key in the JSON line: its printed name, the indented sub-line named whole."""
+    return "flip, numpy pixel axis" if "numpy pixel axis" in printed else printed.strip()
 
 
 def main() -> None:
@@ -110,6 +116,10 @@ def main() -> None:
         dec = parts["JPEG decode, tight loop"]
         print(f"{'whole worker loop':28s} {full:7.1f} us per sample: decode share "
               f"{dec / full:.2f}, {full - dec:.1f} us beyond the decode")
+    print(json.dumps({"bench": "loader_parts", "args": vars(args),
+                      "us_per_sample": {**{json_name(k): v for k, v in parts.items()},
+                                        "whole worker loop": full},
+                      "decode_share": dec / full, "us_beyond_decode": full - dec}))  # last line
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ Prints microseconds per call of WorkerMetrics.observe_step (five phases, five lo
 lr, lambda, hinge fraction, step) and of update_data_counters, with the endpoint running
 and being scraped every 0.5 s by a thread (a much harder scrape load than Prometheus'
 5 s), plus the same loop with NullMetrics (metrics disabled). Compare the figure with a
-step time: a 100 ms GPU step makes 20 µs a 0.02 % overhead.
+step time: a 100 ms GPU step makes 20 µs a 0.02 % overhead. The last line of stdout is one
+JSON object holding the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import threading
 import time
@@ -78,8 +80,16 @@ def main() -> None:
           f"({observe - empty:.2f} us over the empty loop)")
     print(f"WorkerMetrics.update_data_counters {data:8.2f} us/iter")
     cost_us = observe + data - 2 * empty
+    overhead = {}
     for step_ms in (10, 100):
         print(f"overhead of both calls at a {step_ms} ms step: {cost_us / (step_ms * 10):.4f} %")
+        overhead[f"{step_ms} ms"] = cost_us / (step_ms * 10)
+    print(json.dumps({"bench": "metrics", "args": vars(args), "scrapes": scrapes[0],
+                      "us_per_iter": {"empty loop": empty, "NullMetrics.observe_step": nulled,
+                                      "WorkerMetrics.observe_step": observe,
+                                      "WorkerMetrics.update_data_counters": data},
+                      "observe_step_over_empty_us": observe - empty,
+                      "overhead_percent_at_step": overhead}))  # the last line
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Prometheus would.
 Throughput is rank 0's ``samples_per_second`` from ``history.jsonl`` (global samples per
 wall second over each ``log_every`` window), combined as total samples / total time
 (harmonic mean) over the windows after the first ``--warmup-windows``. Prints each run,
-the mean per setting and the ratio on/off. Figures, not asserts.
+the mean per setting and the ratio on/off. Figures, not asserts; the last line of stdout is
+one JSON object holding them.
 """
 
 from __future__ import annotations
@@ -97,11 +98,13 @@ def main() -> None:
                     help=f"first windows of {LOG_EVERY} steps left out")
     args = ap.parse_args()
 
+    summary: dict = {"bench": "metrics_train", "args": vars(args), "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-metrics-train-") as tmp:
         tmp = Path(tmp)
         build_shards(tmp / "shards")
         sd_dir = tmp / "sd"
         print("load average at start: " + _load(), flush=True)
+        summary["load_start"] = list(os.getloadavg())
         results: dict[bool, list[float]] = {False: [], True: []}
         with local_ray(num_cpus=2, env_vars={"DS_ACCELERATOR": "cpu"},
                        object_store_memory=256 << 20):
@@ -125,13 +128,20 @@ def main() -> None:
                     wall = time.perf_counter() - t0
                     print(f"run {name}: {rate:8.1f} samples/s (wall {wall:.0f} s"
                           + (f", {scrapes[0]} scrapes)" if metrics else ")"), flush=True)
+                    summary["runs"][name] = {"metrics": metrics, "samples_per_s": rate,
+                                             "wall_s": wall,
+                                             **({"scrapes": scrapes[0]} if metrics else {})}
     print("load average at end: " + _load())
+    summary["load_end"] = list(os.getloadavg())
     off, on = statistics.mean(results[False]), statistics.mean(results[True])
     print(f"metrics off: {off:8.1f} samples/s  (runs: "
           + ", ".join(f"{r:.1f}" for r in results[False]) + ")")
     print(f"metrics on:  {on:8.1f} samples/s  (runs: "
           + ", ".join(f"{r:.1f}" for r in results[True]) + ")")
     print(f"ratio on/off: {on / off:.3f}")
+    summary.update(mean_samples_per_s={"metrics off": off, "metrics on": on},
+                   ratio_on_over_off=on / off)
+    print(json.dumps(summary))  # the last line: the figures above, for tests and tools
 
 
 if __name__ == "__main__":

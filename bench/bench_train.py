@@ -27,7 +27,8 @@ steps. The stack's rate comes from rank 0's ``history.jsonl`` (``samples_per_sec
 each log window after the warm-up, combined as total samples / total time); the bare
 loop's from its own clock over the same steps. Figures, not asserts. The load average
 (/proc/loadavg) is printed around every run: on a shared machine compare only ratios
-measured in the same invocation.
+measured in the same invocation. The last line of stdout is one JSON object holding the
+figures printed above it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ QUICK = {"backbone": "tiny", "size": [32, 32], "batch": 8, "samples": 128, "step
 
 def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def load_figures(text: str) -> list[float]:
+    """A :func:`load` reading as numbers: the 1, 5 and 15 minute load averages."""
+    return [float(x) for x in text.split()]
 
 
 # --------------------------------------------------------------------------- shards
@@ -175,10 +181,18 @@ def timed(label: str, fn, *args) -> dict:
     return res
 
 
-def ratio_line(label: str, num: list[dict], den: list[dict], note: str = "") -> None:
+def ratio_line(label: str, num: list[dict], den: list[dict], note: str = "") -> dict:
+    """Prints one ratio per round (and their median if more than one); returns them."""
     r = [a["rate"] / b["rate"] for a, b in zip(num, den, strict=True)]
     print(f"  {label:46s} = {' '.join(f'{x:.3f}' for x in r)}"
           + (f"  (median {float(np.median(r)):.3f})" if len(r) > 1 else "") + note)
+    return {"per_round": r, "median": float(np.median(r))}
+
+
+def run_figures(res: dict) -> dict:
+    """One timed run's printed figures, for the JSON line."""
+    return {"images_per_s": res["rate"], "load_before": load_figures(res["load_before"]),
+            "load_after": load_figures(res["load_after"]), "wall_s": res["wall"]}
 
 
 def main() -> None:
@@ -213,13 +227,17 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         shards = build_shards(root / "shards", sz["samples"], tuple(sz["size"]))
+        build_s, load_start = time.perf_counter() - t, load()
         b = sz["batch"]
         print(f"== setup\n  {sz['backbone']} at {sz['size'][0]}x{sz['size'][1]} RGB, 512-d, "
               f"global batch {b} identities + {b} sequences, {sz['steps']} steps a run, "
               f"first {sz['warmup']} left out, log every {sz['log_every']}, "
               f"{sz['repeats']} round(s); shards ({2 * sz['samples']} JPEGs) built in "
-              f"{time.perf_counter() - t:.1f} s; {os.cpu_count()} CPUs, load {load()}",
+              f"{build_s:.1f} s; {os.cpu_count()} CPUs, load {load_start}",
               flush=True)
+        summary: dict = {"bench": "train", "args": vars(args),
+                         "setup": {**sz, "jpegs": 2 * sz["samples"], "shards_build_s": build_s,
+                                   "cpus": os.cpu_count(), "load": load_figures(load_start)}}
 
         def cfg(name: str, workers: int, threads: int, k: int) -> dict:
             return make_cfg(sz, shards, root / "runs", f"{name}-{os.getpid()}-{k}",
@@ -257,16 +275,31 @@ def main() -> None:
                                          cfg("stack-2w1t", 2, 1, k), w))
         finally:
             ray.shutdown()
+        # Each run under its printed label, one entry per round. With --a-threads 2 the
+        # 1 worker x 2 threads entry is (a)'s stack run itself (printed as "the (a) run").
+        summary["runs"] = {label: [run_figures(x) for x in res[key]] for key, label in (
+            ("bare", "bare loop, same shard loader"),
+            ("stack", "stack: Ray + DeepSpeed + head + loader"),
+            ("pre", "bare loop, pre-decoded batches"),
+            ("w1t2", "stack, 1 worker x 2 threads"),
+            ("w2t1", "stack, 2 workers x 1 thread"))}
         print("== ratios (one figure per round)")
-        ratio_line("stack / bare, same loader", res["stack"], res["bare"], "  (target >= 0.9)")
-        ratio_line("stack / bare, pre-decoded", res["stack"], res["pre"])
-        ratio_line("bare same loader / bare pre-decoded", res["bare"], res["pre"])
-        ratio_line("2 workers x 1 thread / 1 worker x 2 threads", res["w2t1"], res["w1t2"])
+        summary["ratios"] = {}
+        for label, num, den, note in (
+                ("stack / bare, same loader", "stack", "bare", "  (target >= 0.9)"),
+                ("stack / bare, pre-decoded", "stack", "pre", ""),
+                ("bare same loader / bare pre-decoded", "bare", "pre", ""),
+                ("2 workers x 1 thread / 1 worker x 2 threads", "w2t1", "w1t2", "")):
+            summary["ratios"][label] = ratio_line(label, res[num], res[den], note)
         bare, stack = res["bare"][0], res["stack"][0]
         common = sorted(set(bare["losses"]) & set(stack["losses"]))[:2]
         gap = max(abs(bare["losses"][s] - stack["losses"][s]) for s in common)
         print(f"  same work: |loss stack - bare| at steps {common} = {gap:.2e}")
-        print(f"== load average at the end: {load()}")
+        summary["same_work"] = {"steps": common, "loss_gap_stack_vs_bare": gap}
+        load_end = load()
+        print(f"== load average at the end: {load_end}")
+        summary["load_end"] = load_figures(load_end)
+    print(json.dumps(summary))  # the last line: the figures above, for tests and tools
 
 
 if __name__ == "__main__":
