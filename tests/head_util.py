@@ -28,6 +28,19 @@ def assert_rank_matches(got: dict, ref: dict, rank: int, per_rank: int, num_iden
                                msg=f"{where}: centers")
 
 
+def load_rows(head, weight: torch.Tensor, centers: torch.Tensor, num_identities: int,
+              rank: int) -> tuple[int, int, int, int]:
+    """Copy ``rank``'s rows of a full W (identity rows, then sequence rows when the head has
+    them) and of the full centers into ``head``; returns its (id0, id1, sq0, sq1)."""
+    id0, id1, sq0, sq1 = head.layout.local_rows(rank)
+    n = num_identities
+    with torch.no_grad():
+        rows = [weight[id0:id1]] + ([weight[n + sq0:n + sq1]] if head.sequence_rows else [])
+        head.weight.copy_(torch.cat(rows))
+        head.centers.copy_(torch.cat([centers[id0:id1], centers[n + sq0:n + sq1]]))
+    return id0, id1, sq0, sq1
+
+
 def contract_results(cases, world: int) -> list[dict]:
     """``cases(rank, world)`` on every rank: in this process without any process group at
     R = 1 (``Comm()`` is a world of one, the same code path), on real gloo ranks above."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_util import run_ranks
-from head_util import assert_rank_matches, contract_results
+from head_util import assert_rank_matches, contract_results, load_rows
 
 from seqface_dist.config import SEQUENCE_MODES, ConfigError, LossConfig
 from seqface_dist.losses import chief_loss, chief_rows, dsa_loss
@@ -86,12 +86,7 @@ def _head(rank: int, world: int, mode: str, variant: str) -> dict:
     feats, t, weight, centers = _inputs(world, mode)
     head = PartitionedHead(HeadSpec(N_ID, N_SEQ, DIM), _cfg(mode, variant), Comm(),
                            dtype=torch.float64)
-    id0, id1, sq0, sq1 = head.layout.local_rows(rank)
-    with torch.no_grad():
-        rows = [weight[id0:id1]] + ([weight[N_ID + sq0:N_ID + sq1]] if head.sequence_rows
-                                    else [])
-        head.weight.copy_(torch.cat(rows))
-        head.centers.copy_(torch.cat([centers[id0:id1], centers[N_ID + sq0:N_ID + sq1]]))
+    id0, id1, sq0, sq1 = load_rows(head, weight, centers, N_ID, rank)
     opt = head.make_optimizer(lr=LR, momentum=MOM, weight_decay=WD)
     sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     local = feats[sl].clone().requires_grad_(True)
