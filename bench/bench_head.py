@@ -175,7 +175,7 @@ def _print_partial_fc(s: Setup, rate: float, snapshot: str, ours_ms: float | Non
 
 def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bool = False,
                 worlds: tuple[int, ...] = (1, 2), sample_rates: tuple[float, ...] = (1.0,),
-                partial_fc: str | None = None) -> None:
+                partial_fc: str | None = None, lazy_centers: bool = False) -> None:
     print(f"\n== speed: fwd + bwd + optimizer step, global batch {sz['batch']}, D = {sz['dim']},"
           f" fp32, one thread per rank; median over {sz['steps']} steps after 1 warm-up")
     for n in sz["speed_n"]:
@@ -198,7 +198,8 @@ def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bo
                     wall_ms=statistics.median(res["step_s"]) * 1e3, loss0=res["losses"][0])
         for world, rate in [(w, r) for w in worlds for r in sample_rates]:
             s = Setup(n, n, sz["dim"], sz["batch"], world=world, steps=sz["steps"],
-                      gemm_reps=2 if n >= 1_000_000 else 3, sample_rate=rate)
+                      gemm_reps=2 if n >= 1_000_000 else 3, sample_rate=rate,
+                      lazy_centers=lazy_centers)
             if not _fits(f"head R = {world}", _head_need(s), force):
                 continue
             res = _run_head(s)
@@ -207,6 +208,7 @@ def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bo
             ratio = (f"CPU {ms / dense_ms:.3f} x dense" if dense_ms and rate >= 1.0 else
                      "no dense figure")
             sampled = f"   sample rate {rate:g}" if rate < 1.0 else ""
+            sampled += "   lazy center momentum" if lazy_centers else ""
             print(f"    head R = {world} (slowest rank {slow['rank']})  {_wall_cpu(slow)} "
                   f"= {ratio}   loss[0] {slow['losses'][0]:.6f}{sampled}")
             gap = None
@@ -214,7 +216,7 @@ def bench_speed(sz: dict, force: bool, dense_center_grad_max: int, head_only: bo
                 gap = abs(slow["losses"][0] - dense_loss0)
                 print(f"      same data as dense: |loss[0] head - dense| = {gap:.2e}")
             floors = [sum(r["gemm_s"].values()) / statistics.median(r["cpu_s"]) for r in res]
-            _record("head", n=n, world=world, rate=rate, cpu_ms=ms,
+            _record("head", n=n, world=world, rate=rate, lazy_centers=lazy_centers, cpu_ms=ms,
                     wall_ms=statistics.median(slow["step_s"]) * 1e3, loss0=slow["losses"][0],
                     vs_dense=ms / dense_ms if dense_ms and rate >= 1.0 else None,
                     loss0_gap_vs_dense=gap, floor_fraction=min(floors))
@@ -338,6 +340,8 @@ def main() -> None:
                     help="speed: also time insightface's PartialFC_V2 at each sample rate, read "
                          "from this snapshot of deepinsight/insightface (a git dir or checkout; "
                          "never vendored); without it that column is skipped")
+    ap.add_argument("--lazy-center-momentum", action="store_true",
+                    help="speed: loss.lazy_center_momentum (only the batch's centers move)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sz = dict(QUICK if args.quick else FULL, mode=args.mode[0])
@@ -364,7 +368,7 @@ def main() -> None:
         elif w == "speed":
             bench_speed(sz, args.force, args.dense_center_grad_max if not args.quick else 10**9,
                         args.head_only, tuple(args.worlds), tuple(args.sample_rate),
-                        args.partial_fc)
+                        args.partial_fc, args.lazy_center_momentum)
         elif w == "passes":
             bench_passes()
         elif w == "scale":

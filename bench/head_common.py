@@ -80,6 +80,7 @@ class Setup:
     mode: str = "lsr"  # loss.sequence_mode; the figures in RESULTS.md are the paper's lsr
     sample_rate: float = 1.0  # loss.sampled_softmax_fraction (1.0: the full softmax)
     head_dtype: str = "fp32"  # train.head_precision: fp32 | bf16 (W, centers, momentum)
+    lazy_centers: bool = False  # loss.lazy_center_momentum
 
     @property
     def local_batch(self) -> int:
@@ -89,7 +90,8 @@ class Setup:
         return HeadSpec(self.num_identities, self.num_sequences, self.dim)
 
     def loss_cfg(self) -> LossConfig:
-        return LossConfig(sequence_mode=self.mode, sampled_softmax_fraction=self.sample_rate)
+        return LossConfig(sequence_mode=self.mode, sampled_softmax_fraction=self.sample_rate,
+                          lazy_center_momentum=self.lazy_centers)
 
     @property
     def torch_dtype(self) -> torch.dtype:

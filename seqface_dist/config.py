@@ -126,6 +126,11 @@ class LossConfig:
     dsa_normalize_scale: float = 0.0  # 0 = raw features (reference); > 0 = normalise to it
     center_lr: float = -1.0  # [0, MAX_LR]; < 0: the backbone's learning rate (reference)
     center_momentum: float = 0.9  # [0, 1)
+    # false (the reference): every center moves by its momentum every step, a pass over the
+    # whole center block per step. true: only the batch's centers are updated, their
+    # momentum included (a center's momentum waits for its next batch, as W's rows do under
+    # the sampled softmax): the step's center cost no longer grows with N_id + N_seq.
+    lazy_center_momentum: bool = False
     # Weights of the total loss: each >= 0, not both 0.
     chief_weight: float = 1.0
     dsa_weight: float = 0.04

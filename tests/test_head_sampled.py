@@ -4,7 +4,8 @@ Contract (DESIGN.md §3 for the sampled rows): with the same drawn rows, R = 1..
 loss terms, feature gradients and rows after two optimizer steps of a dense reference
 restricted to those rows, in float64: ``chief_loss`` over W's sampled rows (LSR's uniform
 target over the sampled identity rows), DSA unchanged, and SGD that touches only the
-sampled rows (an unsampled row's momentum neither decays nor moves it).
+sampled rows (an unsampled row's momentum neither decays nor moves it); with
+``loss.lazy_center_momentum`` the centers likewise (only the batch's centers move).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ NEGATIVES = torch.tensor([0, 2, 5, N_ID + 1, N_ID + 4])
 # Global W rows drawn per step (identity y, sequence row N_ID + q); the batch's positives
 # are added to them. Step 1 leaves rows of step 0 out: their momentum must stay put.
 ROWS = (torch.tensor([1, 4, 8, N_ID + 0, N_ID + 3]), torch.tensor([0, 4, 6, N_ID + 5]))
-VARIANTS = {"plain": {}, "arcface": {"margin": "arcface"}, "weighted": {"sequence_weight": 0.4}}
+VARIANTS = {"plain": {}, "arcface": {"margin": "arcface"}, "weighted": {"sequence_weight": 0.4},
+            "lazy_centers": {"lazy_center_momentum": True}}
 CASES = [(m, v) for m in SEQUENCE_MODES for v in VARIANTS]
 
 
@@ -63,6 +65,7 @@ def _dense(world: int, mode: str, variant: str) -> dict:
     w, buf = weight.clone(), torch.zeros_like(weight)
     c = torch.nn.Parameter(centers.clone())
     c_opt = torch.optim.SGD([c], lr=CENTER_LR, momentum=0.8)
+    c_buf = torch.zeros_like(centers)
     out = {}
     for step, ((feats, t), given) in enumerate(zip(steps, ROWS, strict=True)):
         feats = feats.clone().requires_grad_(True)
@@ -83,8 +86,15 @@ def _dense(world: int, mode: str, variant: str) -> dict:
             g = sub.grad + WD * w[rows]
             buf[rows] = MOM * buf[rows] + g
             w[rows] -= LR * buf[rows]
-        c_opt.step()
-        c_opt.zero_grad(set_to_none=True)
+        if cfg.lazy_center_momentum:  # only the batch's centers, their momentum included
+            with torch.no_grad():
+                own = torch.unique(t)
+                c_buf[own] = 0.8 * c_buf[own] + c.grad[own]
+                c[own] -= CENTER_LR * c_buf[own]
+            c.grad = None
+        else:
+            c_opt.step()
+            c_opt.zero_grad(set_to_none=True)
         out[f"loss{step}"], out[f"chief{step}"] = loss.detach(), chief.detach()
         out[f"grad{step}"] = feats.grad
     return dict(out, weight=w, centers=c.detach())

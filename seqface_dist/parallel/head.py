@@ -390,5 +390,6 @@ class PartitionedHead(nn.Module):
              "weight_decay": weight_decay, "name": "weight",
              "lazy_rows": True},  # a sparse W gradient: the sampled softmax's rows
             {"params": [self.centers], "lr": center_lr, "momentum": self.cfg.center_momentum,
+             "lazy_rows": self.cfg.lazy_center_momentum,
              "weight_decay": 0.0, "name": "centers"},
         ], lr=lr, seed=self.spec.seed * 65_537 + self.rank)
