@@ -6,16 +6,17 @@ buffer the head already owns. Semantics equal torch's SGD without dampening or n
 (the first step's momentum buffer is the gradient). A sparse gradient (the DSA center
 update) is added into the momentum buffer row by row: two passes over the block, not four.
 
-A group with ``lazy_rows`` (W under the sampled softmax) updates only the rows its sparse
-gradient names: their weight decay, momentum and step, as if the other rows did not
-exist this step. An unsampled row's momentum neither decays nor moves it (Partial FC's
-convention): decaying it would touch every row every step, the cost sampling avoids, and
-would keep moving rows on gradients they no longer have.
+A group with ``lazy_rows`` (W under the sampled softmax; the centers with
+``loss.lazy_center_momentum``) updates only the rows its sparse gradient names: their
+weight decay, momentum and step, as if the other rows did not exist this step. A row
+left out keeps its momentum, which neither decays nor moves it (Partial FC's convention):
+decaying it would touch every row every step, the cost sampling avoids, and would keep
+moving rows on gradients they no longer have.
 
 A bf16 parameter with a ``stochastic_rounding`` group (W of a bf16 head) is updated in
 fp32, row chunk by row chunk, and rounded back to bf16 stochastically, its momentum too:
 an SGD step is often far below half a bf16 ulp of the weight (weight decay: lr * wd =
-5e-5 of it, against an ulp of 2^-8), so round-to-nearest would drop it every step, while
+5e-5 of it, against an ulp of 2^-7 of it), so round-to-nearest would drop it every step, while
 stochastic rounding applies it in expectation. No fp32 master copy is kept: it would
 cost more memory than the bf16 block saves.
 """
