@@ -77,6 +77,7 @@ def test_connections_cut_mid_object_lose_and_repeat_nothing(s3_sets):
     assert len(keys) == 96 and set(keys.values()) == {1}
 
 
+@pytest.mark.slow  # waits out botocore's and the reader's backoff
 def test_throttling_503s_and_cuts_lose_and_repeat_nothing(s3_sets):
     with CuttingProxy(s3_sets, cut_after=20_000, throttle_every=4) as proxy:
         got = collect("s3://bucket/ids", 0, 1, 2, endpoint=proxy.url)
@@ -85,6 +86,7 @@ def test_throttling_503s_and_cuts_lose_and_repeat_nothing(s3_sets):
     assert len(keys) == 96 and set(keys.values()) == {1}
 
 
+@pytest.mark.slow  # waits out botocore's and the reader's backoff
 def test_throttling_beyond_botocore_retries_is_retried_by_the_reader(s3_sets):
     # The first read (the manifest) meets 6 throttled connections in a row: botocore gives
     # up after 5 attempts and the reader's own backoff must carry it through.

@@ -5,6 +5,7 @@
                   [section.key=value ...]
     seqface demo [--out demo-out] [--steps 1200] [--workers 2] [--compare]
     seqface plot RUN [--out curves.png]
+    seqface export SRC --out DIR [--onnx]
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None,
                    help="PNG to write (default: curves.png in the run folder)")
     p.set_defaults(handler=_plot)
+
+    p = sub.add_parser("export", help="the standalone embedding network of a checkpoint or "
+                       "export (safetensors + model.json + .pt2, and ONNX with --onnx)")
+    p.add_argument("source", help="a run checkpoint folder (with state.json) or an export "
+                   "folder / its backbone.safetensors")
+    p.add_argument("--out", required=True, help="folder to write the export into")
+    p.add_argument("--onnx", action="store_true",
+                   help="also embedding.onnx, checked against onnxruntime when installed "
+                   "(pip install 'seqface-dist[onnx]')")
+    p.set_defaults(handler=_export)
 
     p = sub.add_parser("smoke", help="single-process smoke training on synthetic data")
     p.add_argument("--config", default=None,
@@ -88,6 +99,40 @@ def _plot(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"seqface plot: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from seqface_dist.train.export import (
+        backbone_from,
+        export_embedding,
+        export_onnx,
+        onnx_max_abs_diff,
+    )
+
+    try:
+        net, model_cfg = backbone_from(args.source)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"seqface export: {e}", file=sys.stderr)
+        return 2
+    program = export_embedding(net, model_cfg, args.out)
+    print(f"seqface export: wrote {program.parent} ({model_cfg.backbone}, "
+          f"{model_cfg.in_channels} x {model_cfg.input_size[0]} x {model_cfg.input_size[1]})")
+    if args.onnx:
+        try:
+            path = export_onnx(net, model_cfg, args.out)
+        except ImportError as e:
+            print(f"seqface export: --onnx needs onnx and onnxscript "
+                  f"(pip install 'seqface-dist[onnx]'): {e}", file=sys.stderr)
+            return 2
+        diff = onnx_max_abs_diff(net, path, model_cfg)
+        check = ("onnxruntime not installed, not checked" if diff is None else
+                 f"onnxruntime matches the module to {diff:.1e}")
+        print(f"seqface export: wrote {path} ({check})")
+        if diff is not None and diff > 1e-3:
+            print(f"seqface export: the ONNX graph differs from the module by {diff:.2e}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
