@@ -423,6 +423,15 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def model_config_from(raw: dict[str, Any], where: str) -> ModelConfig:
+    """The model section of a file that carries more beside it (an export's model.json,
+    a checkpoint's resolved config): typed and validated, other keys ignored."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = _build(ModelConfig, {k: v for k, v in raw.items() if k in names}, where)
+    cfg.validate(where)
+    return cfg
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():

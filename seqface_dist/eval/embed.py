@@ -103,7 +103,7 @@ def _load_weights(path: Path, model_cfg: ModelConfig | None) -> nn.Module:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from seqface_dist.config import ModelConfig
+    from seqface_dist.config import model_config_from
     from seqface_dist.models import build_backbone  # lazy: the models pull in torch nets
 
     if (path.parent / EXPORT_META).is_file():
@@ -117,9 +117,7 @@ def _load_weights(path: Path, model_cfg: ModelConfig | None) -> nn.Module:
             raise ValueError(f"{path}: a safetensors file holds only weights and no "
                              f"{EXPORT_META} is beside it; name the backbone (model config / "
                              "--backbone) to build the net")
-        model_cfg = ModelConfig(**{k: meta[k] for k in ("backbone", "embedding_dim",
-                                                         "input_size", "in_channels")})
-        model_cfg.validate(str(path.parent / EXPORT_META))
+        model_cfg = model_config_from(meta, str(path.parent / EXPORT_META))
     net = build_backbone(model_cfg)
     state = load_file(str(path))
     # Checkpoints of wrapped modules carry a prefix; strip the common ones.

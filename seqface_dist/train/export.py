@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from seqface_dist.config import ModelConfig
+from seqface_dist.config import ModelConfig, model_config_from
 from seqface_dist.data.normalize import INPUT_NORMALIZATION
 
 
@@ -100,7 +100,7 @@ def backbone_from(source: str | Path) -> tuple[nn.Module, ModelConfig]:
         from seqface_dist.train.safe_load import weights_only_load
 
         state = check_complete(src)
-        model_cfg = _model_config(state.config.get("model", {}), f"{src / STATE_FILE}: model")
+        model_cfg = model_config_from(state.config.get("model", {}), f"{src / STATE_FILE}: model")
         files = sorted((src / ENGINE_DIR / ENGINE_TAG).glob("mp_rank_*_model_states.pt"))
         if not files:
             raise CheckpointError(f"{src}: no DeepSpeed model states under "
@@ -116,11 +116,5 @@ def backbone_from(source: str | Path) -> tuple[nn.Module, ModelConfig]:
         raise FileNotFoundError(f"{src}: neither a run checkpoint (no {STATE_FILE}) nor an "
                                 f"export (no {EXPORT_META})")
     meta = json.loads((folder / EXPORT_META).read_text())
-    return load_model(src), _model_config(meta, str(folder / EXPORT_META))
+    return load_model(src), model_config_from(meta, str(folder / EXPORT_META))
 
-
-def _model_config(raw: dict, where: str) -> ModelConfig:
-    names = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in raw.items() if k in names})
-    cfg.validate(where)
-    return cfg
