@@ -1,6 +1,6 @@
 """Data-plane throughput: samples/s delivered to the training loop vs the JPEG decode bound.
 
-    .venv/bin/python bench/bench_data.py [--samples 4096] [--workers 2] [--epochs 2]
+    .venv/bin/python -m bench.bench_data [--samples 4096] [--workers 2] [--epochs 2]
 
 Builds an identity and a sequence shard set of 112x112 JPEGs, writes them to a local
 folder and to S3 on loopback (moto's server), then measures:

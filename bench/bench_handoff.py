@@ -1,6 +1,6 @@
 """Batch handoff from worker processes to the trainer: what each way costs per sample.
 
-    .venv/bin/python bench/bench_handoff.py [--batches 600] [--workers 2]
+    .venv/bin/python -m bench.bench_handoff [--batches 600] [--workers 2]
 
 Workers that do no decoding (they fill each batch with one value) hand 64 x 112 x 112 x 3
 batches to the main process in several ways; per way, samples/s and the main process's CPU

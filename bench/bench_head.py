@@ -1,16 +1,16 @@
 """Benchmarks of the partitioned head (issue 3): memory, communication, speed, scale plan.
 
-    .venv/bin/python bench/bench_head.py memory   # N_id = N_seq = 1M, D 512, R = 2 gloo ranks
-    .venv/bin/python bench/bench_head.py comm     # bytes/rank/step at N_id = 10k and 1M, R = 2
-    .venv/bin/python bench/bench_head.py speed    # head R = 1, 2 vs dense, 100k and 1M; floor
-    .venv/bin/python bench/bench_head.py speed --speed-n 1000000 --steps 1 --head-only
-    .venv/bin/python bench/bench_head.py speed --speed-n 100000 --worlds 2 --head-only \
+    .venv/bin/python -m bench.bench_head memory   # N_id = N_seq = 1M, D 512, R = 2 gloo ranks
+    .venv/bin/python -m bench.bench_head comm     # bytes/rank/step at N_id = 10k and 1M, R = 2
+    .venv/bin/python -m bench.bench_head speed    # head R = 1, 2 vs dense, 100k and 1M; floor
+    .venv/bin/python -m bench.bench_head speed --speed-n 1000000 --steps 1 --head-only
+    .venv/bin/python -m bench.bench_head speed --speed-n 100000 --worlds 2 --head-only \
         --sample-rate 1.0 0.1 --partial-fc /path/to/insightface  # sampled softmax vs Partial FC
-    .venv/bin/python bench/bench_head.py passes   # ops streaming the B x n / n x D buffers
-    .venv/bin/python bench/bench_head.py scale    # one rank of 10M + 10M over R = 8, alone
-    .venv/bin/python bench/bench_head.py --quick  # all of the above at tiny sizes (seconds)
-    .venv/bin/python bench/bench_head.py memory comm --mode sequence_classes  # per mode
-    .venv/bin/python bench/bench_head.py scale --mode lsr none sequence_classes \
+    .venv/bin/python -m bench.bench_head passes   # ops streaming the B x n / n x D buffers
+    .venv/bin/python -m bench.bench_head scale    # one rank of 10M + 10M over R = 8, alone
+    .venv/bin/python -m bench.bench_head --quick  # all of the above at tiny sizes (seconds)
+    .venv/bin/python -m bench.bench_head memory comm --mode sequence_classes  # per mode
+    .venv/bin/python -m bench.bench_head scale --mode lsr none sequence_classes \
         separate_heads masked_softmax --sample-rate 1.0 0.1 --head-dtype fp32 bf16
 
 Each configuration runs in its own forked process(es), one thread each, fp32, global batch
@@ -30,7 +30,8 @@ import json
 import statistics
 
 import torch
-from head_common import (
+
+from bench.head_common import (
     GB,
     Setup,
     count_passes,
@@ -42,7 +43,6 @@ from head_common import (
     run_processes,
     setup_dict,
 )
-
 from seqface_dist.config import SEQUENCE_MODES
 
 FULL = {"memory_n": 1_000_000, "comm_n": (10_000, 1_000_000), "speed_n": (100_000, 1_000_000),
@@ -159,7 +159,7 @@ def _dense_need(s: Setup, sparse: bool) -> float:
 
 def _print_partial_fc(s: Setup, rate: float, snapshot: str, ours_ms: float | None) -> None:
     """insightface's PartialFC_V2 on the same sizes and batches (read from ``snapshot``)."""
-    from partial_fc import partial_fc_worker, snapshot_commit
+    from bench.partial_fc import partial_fc_worker, snapshot_commit
 
     res = run_processes(partial_fc_worker, s.world, setup_dict(s), rate, snapshot)
     slow = max(res, key=lambda r: statistics.median(r["cpu_s"]))

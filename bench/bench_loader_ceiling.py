@@ -1,6 +1,6 @@
 """The loader against the decode bound: as shipped, and without some of its work.
 
-    .venv/bin/python bench/bench_loader_ceiling.py [--samples 4096] [--rounds 5]
+    .venv/bin/python -m bench.bench_loader_ceiling [--samples 4096] [--rounds 5]
 
 The local loader of ``bench_data.py`` (2 batch worker processes) against the 2-process decode
 bound, in rounds measured back to back, in three variants:
@@ -21,8 +21,7 @@ import json
 import statistics
 import tempfile
 
-from bench_data import SIZE, build_sets, decode_bound, loader_rate
-
+from bench.bench_data import SIZE, build_sets, decode_bound, loader_rate
 from seqface_dist.data import images, stream
 from seqface_dist.data.manifest import resolve_shard_set
 

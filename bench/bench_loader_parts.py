@@ -1,6 +1,6 @@
 """Where a loader worker's CPU goes, per sample: the parts of the pipeline one by one.
 
-    .venv/bin/python bench/bench_loader_parts.py [--samples 4096] [--repeats 3]
+    .venv/bin/python -m bench.bench_loader_parts [--samples 4096] [--repeats 3]
 
 One process, the shard sets of ``bench_data.py`` (112x112 JPEGs, 32 identities + 32
 sequences per batch), CPU time per sample (best of ``--repeats``) of each stage alone and of
@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import torch
-from bench_data import SIZE, build_sets
 
+from bench.bench_data import SIZE, build_sets
 from seqface_dist.config import DataConfig
 from seqface_dist.data import images, tario
 from seqface_dist.data.augment import augment_batch

@@ -1,6 +1,6 @@
 """Cost of the per-step metrics calls, against an empty loop.
 
-    .venv/bin/python bench/bench_metrics.py [--steps 20000] [--repeats 5]
+    .venv/bin/python -m bench.bench_metrics [--steps 20000] [--repeats 5]
 
 Prints microseconds per call of WorkerMetrics.observe_step (five phases, five loss terms,
 lr, lambda, hinge fraction, step) and of update_data_counters, with the endpoint running

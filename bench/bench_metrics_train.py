@@ -1,6 +1,6 @@
 """Training throughput with the Prometheus metrics on vs off: what the metrics really cost.
 
-    .venv/bin/python bench/bench_metrics_train.py [--steps 300] [--repeats 2]
+    .venv/bin/python -m bench.bench_metrics_train [--steps 300] [--repeats 2]
 
 Runs the same 2-worker local Ray training (tiny backbone on MNIST shards, DeepSpeed on
 CPU, 16 identities + 16 sequences per rank and step) ``--repeats`` times with

@@ -1,7 +1,7 @@
 """Training throughput: the whole stack against a bare PyTorch loop, and 2 workers vs 2 threads.
 
-    .venv/bin/python bench/bench_train.py            # the figures in bench/RESULTS.md
-    .venv/bin/python bench/bench_train.py --quick    # every path at toy sizes (~1 min)
+    .venv/bin/python -m bench.bench_train            # the figures in bench/RESULTS.md
+    .venv/bin/python -m bench.bench_train --quick    # every path at toy sizes (~1 min)
 
 (a) images/s of the whole stack (``seqface_dist.train.driver.run``: Ray Train, one worker,
     DeepSpeed-wrapped backbone, ``PartitionedHead``, ``make_train_loader`` over local
@@ -43,8 +43,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from bench_data import face_like
 
+from bench.bench_data import face_like
 from seqface_dist.config import config_from_dict
 
 # log_every 10 is the config default: a ray.train.report every 10 steps (see RESULTS.md on

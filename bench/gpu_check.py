@@ -1,7 +1,7 @@
 """GPU checks with torch alone (the device machine has no Ray/DeepSpeed/WebDataset).
 
-    python bench/gpu_check.py                 # on a CUDA machine
-    python bench/gpu_check.py --device cpu    # dry run here (tiny sizes)
+    python -m bench.gpu_check                 # on a CUDA machine
+    python -m bench.gpu_check --device cpu    # dry run here (tiny sizes)
 
 1. Contract on the device: one step of the head (R = 1, fp32 on the GPU, the default
    sequence mode) against the dense oracle (`chief_loss` + `dsa_loss`) in float64 on the

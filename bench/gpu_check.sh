@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
-timeout 480 python bench/gpu_check.py --device cuda --steps 10
+timeout 480 python -m bench.gpu_check --device cuda --steps 10

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from head_common import (
+
+from bench.head_common import (
     LR,
     MOMENTUM,
     WEIGHT_DECAY,

@@ -18,18 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script: str, *args: str) -> dict:
-    """Runs ``bench/<script>`` and returns the JSON object of its last stdout line."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
+    """Runs ``python -m bench.<script>`` and returns the JSON object of its last stdout line."""
+    proc = subprocess.run([sys.executable, "-m", f"bench.{script}", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, f"{script} failed:\n{out}\n{proc.stderr[-4000:]}"
     summary = json.loads(out.strip().splitlines()[-1])  # the figures, as the last line
-    assert isinstance(summary, dict) and summary["bench"] == script[6:-3], out
+    assert isinstance(summary, dict) and summary["bench"] == script[6:], out
     return summary
 
 
 def test_bench_data_prints_every_round_and_the_medians():
-    res = run("bench_data.py", "--samples", "256", "--rounds", "2", "--epochs", "1")
+    res = run("bench_data", "--samples", "256", "--rounds", "2", "--epochs", "1")
     assert res["args"] == {"samples": 256, "workers": 2, "epochs": 1, "rounds": 2}
     assert all(measured(rate) for d in res["decoders_images_per_s"].values()
                for rate in d.values())
@@ -48,7 +48,7 @@ def test_bench_data_prints_every_round_and_the_medians():
 
 
 def test_bench_handoff_measures_every_way():
-    res = run("bench_handoff.py", "--batches", "40")
+    res = run("bench_handoff", "--batches", "40")
     assert res["args"]["batches"] == 40
     ways = res["ways"]
     assert list(ways) == ["fresh float32", "fresh uint8", "ring, torch clone", "ring, copy",
@@ -58,7 +58,7 @@ def test_bench_handoff_measures_every_way():
 
 
 def test_bench_loader_parts_prints_each_stage():
-    res = run("bench_loader_parts.py", "--samples", "256", "--repeats", "1")
+    res = run("bench_loader_parts", "--samples", "256", "--repeats", "1")
     us = res["us_per_sample"]
     for stage in ("tar parsing (2 members)", "+ json and label checks",
                   "+ shuffle buffer, stream", "JPEG decode, tight loop",
@@ -68,7 +68,7 @@ def test_bench_loader_parts_prints_each_stage():
 
 
 def test_bench_loader_ceiling_prints_each_variant():
-    res = run("bench_loader_ceiling.py", "--samples", "256", "--rounds", "1")
+    res = run("bench_loader_ceiling", "--samples", "256", "--rounds", "1")
     assert len(res["rounds"]) == 1, res
     assert measured(res["rounds"][0]["decode_bound_images_per_s"]), res
     med = res["median_loader_over_bound"]

@@ -1,4 +1,4 @@
-"""bench/bench_head.py --quick runs end to end (so the benchmark cannot rot).
+"""python -m bench.bench_head --quick runs end to end (so the benchmark cannot rot).
 
 It starts real gloo ranks, steps the head and the dense reference, and profiles a step;
 the checks are on properties, never on timings: every section prints, the bytes a rank
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_head_quick_runs_end_to_end():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_head.py"), "--quick",
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_head", "--quick",
                            "--sample-rate", "1.0", "0.5", "--head-dtype", "fp32", "bf16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     out = proc.stdout

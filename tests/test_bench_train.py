@@ -1,4 +1,4 @@
-"""bench/bench_train.py --quick runs end to end (so the benchmark cannot rot).
+"""python -m bench.bench_train --quick runs end to end (so the benchmark cannot rot).
 
 It builds shards, runs the bare loop (shard loader and pre-decoded) in fresh processes and
 the whole stack on a real local Ray (1 worker, then 2 workers, DeepSpeed on gloo). The
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # starts Ray: the slo
 
 
 def test_bench_train_quick_runs_end_to_end():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--quick"],
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_train", "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=580)
     out = proc.stdout
     assert proc.returncode == 0, f"bench failed:\n{out}\n{proc.stderr[-4000:]}"

@@ -1,4 +1,4 @@
-"""bench/partial_fc.py runs insightface's PartialFC_V2 on real gloo ranks (a tiny run).
+"""bench.partial_fc runs insightface's PartialFC_V2 on real gloo ranks (a tiny run).
 
 Partial FC is read at run time from a snapshot of deepinsight/insightface named by
 SEQFACE_PARTIAL_FC_SNAPSHOT (a bare git dir or a checkout); without it those tests are
@@ -12,8 +12,9 @@ import os
 
 import pytest
 from bench_util import measured
-from head_common import Setup, run_processes, setup_dict
-from partial_fc import load_partial_fc, partial_fc_worker
+
+from bench.head_common import Setup, run_processes, setup_dict
+from bench.partial_fc import load_partial_fc, partial_fc_worker
 
 SNAPSHOT = os.environ.get("SEQFACE_PARTIAL_FC_SNAPSHOT")
 # insightface's Partial FC is not on PyPI (the `insightface` wheel has no arcface_torch)
