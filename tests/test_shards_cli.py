@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -44,6 +45,17 @@ def test_build_info_verify_and_tampering_is_caught(tmp_path):
     r = seqface("verify", str(out))
     assert r.returncode == 1
     assert "FAIL" in r.stdout and "ids-000001.tar: sha256 differs" in r.stdout
+
+    data[1500] ^= 0x01
+    with tarfile.open(shard) as tf:  # the third sample's first header
+        third = tf.getmembers()[4].offset
+    # Its checksum: tarfile, and so webdataset's reader, takes that for the archive's end
+    # and stops silently; the sample count against the manifest tells.
+    data[third + 148] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = seqface("verify", str(out))
+    assert r.returncode == 1
+    assert "ids-000001.tar: 2 samples, manifest says 5" in r.stdout, r.stdout
 
     shard.unlink()
     r = seqface("verify", str(out))
