@@ -3,6 +3,7 @@
     seqface shards build identity-tree ROOT OUT [--image-size 112x96] [--workers 8]
     seqface shards build sequence-tree ROOT OUT
     seqface shards build recordio TRAIN.rec OUT [--idx I.idx] [--lst I.lst] [--kind identity]
+    seqface shards tracks FRAMES DETECTIONS.csv OUT [--size 112x112] [--iou 0.5] [--min-len 5]
     seqface shards verify URL       # counts, sizes and sha256 against the manifest; exit 1 if not
     seqface shards info URL         # summary of a shard set
 
@@ -39,6 +40,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(handler=_build)
 
+    t = ssub.add_parser("tracks", help="face tracks from video frames and a detector's "
+                        "boxes: linked by IoU (or a given track column), cropped or aligned "
+                        "by 5 landmarks, written as a sequence tree",
+                        description="Writes OUT/<video>/<track>/<frame>.jpg for "
+                        "`seqface shards build sequence-tree OUT ...`. FRAMES/<video>/ holds "
+                        "a video's frames (ffmpeg -i v.mp4 FRAMES/v/%%06d.jpg); the CSV has "
+                        "video,frame,x1,y1,x2,y2[,score][,track][,lx0,ly0,...,lx4,ly4].")
+    t.add_argument("frames", help="FRAMES folder: one sub-folder of frames per video")
+    t.add_argument("detections", help="CSV of face boxes (see the description)")
+    t.add_argument("out", help="output folder (a sequence tree)")
+    t.add_argument("--size", default="112x112",
+                   help="HEIGHTxWIDTH of the crops (default 112x112, arcface's; 112x96 is "
+                   "SphereFace's)")
+    t.add_argument("--iou", type=float, default=0.5, help="IoU that continues a track")
+    t.add_argument("--max-gap", type=int, default=2, help="frames a track may miss")
+    t.add_argument("--min-len", type=int, default=5, help="shorter tracks are dropped")
+    t.add_argument("--min-score", type=float, default=0.0, help="ignore weaker detections")
+    t.add_argument("--margin", type=float, default=0.2,
+                   help="box share added on each side when cropping without landmarks")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(handler=_tracks)
+
     v = ssub.add_parser("verify", help="check a shard set against its manifest")
     v.add_argument("url")
     v.add_argument("--endpoint-url", default="")
@@ -50,13 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(handler=_info)
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str, flag: str = "--image-size") -> tuple[int, int]:
     try:
         h, w = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--image-size {text!r}: expected HEIGHTxWIDTH, e.g. 112x96") from None
+        raise SystemExit(f"{flag} {text!r}: expected HEIGHTxWIDTH, e.g. 112x112") from None
     if h < 8 or w < 8:
-        raise SystemExit(f"--image-size {text!r}: each side must be >= 8")
+        raise SystemExit(f"{flag} {text!r}: each side must be >= 8")
     return h, w
 
 
@@ -78,6 +101,26 @@ def _build(args: argparse.Namespace) -> int:
     except (build.BuildError, FileNotFoundError, ValueError) as e:
         print(f"seqface shards build: {e}", file=sys.stderr)
         return 1
+    print(report.summary())
+    return 0
+
+
+def _tracks(args: argparse.Namespace) -> int:
+    from seqface_dist.data.tracks import TrackOptions, extract_tracks
+
+    opts = TrackOptions(iou=args.iou, max_gap=args.max_gap, min_len=args.min_len,
+                        min_score=args.min_score, margin=args.margin,
+                        size=_size(args.size, "--size"))
+    try:
+        report = extract_tracks(args.frames, args.detections, args.out, opts,
+                                progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"seqface shards tracks: {e}", file=sys.stderr)
+        return 1
+    for problem in report.problems[:20]:
+        print(f"skipped: {problem}")
+    if len(report.problems) > 20:
+        print(f"... and {len(report.problems) - 20} more")
     print(report.summary())
     return 0
 
