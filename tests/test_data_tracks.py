@@ -146,11 +146,11 @@ def test_tracks_cli_to_a_sequence_shard_set(tmp_path):
         assert len(colours) == 1, f"{track} mixes faces: {colours}"  # one face per track
 
     shards = tmp_path / "shards"
-    r = seqface("build", "sequence-tree", str(out), str(shards), "--image-size", "112x112",
-                "--no-progress")
+    r = seqface("build", "sequence-tree", str(out), str(shards), "--no-progress")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["num_classes"] == 2 and sum(s["count"] for s in manifest["shards"]) == 16
+    assert manifest["image_size"] == [112, 112]  # the default keeps the crops' size
 
 
 def test_tracks_cli_refuses_a_csv_without_boxes(tmp_path):

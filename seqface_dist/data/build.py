@@ -23,16 +23,18 @@ resumes, and rebuilding an unchanged source writes nothing at all.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
 import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 
 import numpy as np
+from PIL import Image
 
 from seqface_dist.data import images, store
 from seqface_dist.data.manifest import (
@@ -66,7 +68,9 @@ class BuildError(RuntimeError):
 
 @dataclass
 class BuildOptions:
-    image_size: tuple[int, int] = (112, 96)  # height, width
+    # height, width; None = the size of the first readable image (in item order), so an
+    # arcface 112x112 set stays 112x112; images of another size are resized to it.
+    image_size: tuple[int, int] | None = None
     channels: int = 3
     quality: int = 95  # JPEG quality when an image must be re-encoded
     max_samples: int = 10_000  # per shard
@@ -231,11 +235,25 @@ def _write_if_changed(url: str, data: bytes, endpoint_url: str) -> bool:
     return True
 
 
+def _first_image_size(items: list[Item]) -> tuple[int, int]:
+    """(height, width) of the first item whose header reads; (112, 112) if none does
+    (the build then reports every item as unreadable)."""
+    for item in items:
+        try:
+            with Image.open(io.BytesIO(read_item_bytes(item))) as im:
+                return im.size[1], im.size[0]
+        except Exception:  # noqa: BLE001 - unreadable items are reported by the workers
+            continue
+    return 112, 112
+
+
 def build_shards(items: list[Item], problems: list[Problem], out_url: str, kind: str,
                  opts: BuildOptions, source_info: dict, source_type: str = "tree") -> BuildReport:
     """Write the shard set for already-listed items (the builders below call this)."""
     if kind not in KINDS:
         raise BuildError(f"kind must be identity or sequence, not {kind!r}")
+    if opts.image_size is None:
+        opts = replace(opts, image_size=_first_image_size(items))
     previous = _previous_entries(out_url, opts.endpoint_url)
     problems = list(problems)
     listed = set(previous)  # every shard name this build may have to clean up

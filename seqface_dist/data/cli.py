@@ -1,6 +1,6 @@
 """``seqface shards ...``: build, verify and describe WebDataset shard sets.
 
-    seqface shards build identity-tree ROOT OUT [--image-size 112x96] [--workers 8]
+    seqface shards build identity-tree ROOT OUT [--image-size HxW] [--workers 8]
     seqface shards build sequence-tree ROOT OUT
     seqface shards build recordio TRAIN.rec OUT [--idx I.idx] [--lst I.lst] [--kind identity]
     seqface shards tracks FRAMES DETECTIONS.csv OUT [--size 112x112] [--iou 0.5] [--min-len 5]
@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("layout", choices=["identity-tree", "sequence-tree", "recordio"])
     b.add_argument("source", help="ROOT folder, or the .rec file")
     b.add_argument("out", help="output folder or s3://bucket/prefix")
-    b.add_argument("--image-size", default="112x96", help="HEIGHTxWIDTH (default 112x96)")
+    b.add_argument("--image-size", default=None,
+                   help="HEIGHTxWIDTH to resize to (default: the first image's size, so "
+                   "arcface's 112x112 crops stay 112x112)")
     b.add_argument("--channels", type=int, default=3, choices=[1, 3])
     b.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     b.add_argument("--max-samples", type=int, default=10_000, help="samples per shard")
@@ -87,7 +89,8 @@ def _build(args: argparse.Namespace) -> int:
     from seqface_dist.data import build
 
     opts = build.BuildOptions(
-        image_size=_size(args.image_size), channels=args.channels, quality=args.quality,
+        image_size=_size(args.image_size) if args.image_size else None,
+        channels=args.channels, quality=args.quality,
         max_samples=args.max_samples, max_bytes=int(args.max_bytes), workers=args.workers,
         seed=args.seed, endpoint_url=args.endpoint_url, progress=not args.no_progress)
     try:
