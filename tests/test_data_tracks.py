@@ -159,3 +159,12 @@ def test_tracks_cli_refuses_a_csv_without_boxes(tmp_path):
     bad.write_text("video,frame,left,top\nv,1,0,0\n")
     r = seqface("tracks", str(tmp_path / "frames"), str(bad), str(tmp_path / "o"))
     assert r.returncode == 1 and "d.csv: the header must name" in r.stderr
+
+
+def test_a_box_at_the_frame_edge_is_padded_not_refused():
+    im = Image.new("RGB", (50, 50), (200, 200, 200))
+    face = crop(im, Detection("0", 0, np.array([0.0, 0.0, 20.0, 20.0]), None),
+                TrackOptions(size=(32, 32), margin=0.5))
+    arr = np.asarray(face)
+    assert face.size == (32, 32)
+    assert arr[0, 0].max() < 10 and arr[-1, -1].min() > 150  # black past the edge, face inside

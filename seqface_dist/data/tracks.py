@@ -148,7 +148,9 @@ def crop(image: Image.Image, det: Detection, opts: TrackOptions) -> Image.Image:
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     box = (cx - side * w / max(h, w) / 2, cy - side * h / max(h, w) / 2,
            cx + side * w / max(h, w) / 2, cy + side * h / max(h, w) / 2)
-    return image.resize((w, h), Image.Resampling.BILINEAR, box=box)
+    # EXTENT, not resize(box=): a box past the frame's edge is padded black, not refused.
+    return image.transform((w, h), Image.Transform.EXTENT, box,
+                           resample=Image.Resampling.BILINEAR)
 
 
 def _frame_files(folder: Path) -> dict[str, Path]:
