@@ -8,6 +8,7 @@ so this file only lists them; heavy imports happen inside the handlers.
     seqface train --config configs/local-cpu.yaml [section.key=value ...]
     seqface shards build|verify|info ...
     seqface eval ...
+    seqface config [--config F] [section.key=value ...] [--reference]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from seqface_dist.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from seqface_dist import config_doc
     from seqface_dist.data import cli as data_cli
     from seqface_dist.eval import cli as eval_cli
     from seqface_dist.train import cli as train_cli
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.register(sub)
     data_cli.register(sub)
     eval_cli.register(sub)
+    config_doc.register(sub)
     return parser
 
 
