@@ -40,11 +40,13 @@ def _train_and_checkpoint(rank: int, world: int, out: str):
 
 
 def test_export_a_checkpoint_with_onnx_matching_the_module(tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"
-    (res,) = run_ranks(_train_and_checkpoint, 1, str(ckpt), timeout=300)
+    run = tmp_path / "run"  # a run folder: the export reads its newest committed checkpoint
+    (res,) = run_ranks(_train_and_checkpoint, 1, str(run / "checkpoint-000000001-0123abcd"),
+                       timeout=300)
+    (run / "checkpoint-000000002-0123abcd").mkdir()  # newer, never committed: passed over
     want = res["ok"].numpy()
     out = tmp_path / "export"
-    assert main(["export", str(ckpt), "--out", str(out), "--onnx"]) == 0
+    assert main(["export", str(run), "--out", str(out), "--onnx"]) == 0
     printed = capsys.readouterr().out
     assert "onnxruntime matches the module to" in printed, printed
     assert {p.name for p in out.iterdir()} >= {"backbone.safetensors", "model.json",

@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="the standalone embedding network of a checkpoint or "
                        "export (safetensors + model.json + .pt2, and ONNX with --onnx)")
-    p.add_argument("source", help="a run checkpoint folder (with state.json) or an export "
-                   "folder / its backbone.safetensors")
+    p.add_argument("source", help="a run folder (its newest committed checkpoint), a run "
+                   "checkpoint folder (with state.json), or an export folder / its "
+                   "backbone.safetensors")
     p.add_argument("--out", required=True, help="folder to write the export into")
     p.add_argument("--onnx", action="store_true",
                    help="also embedding.onnx, checked against onnxruntime when installed "

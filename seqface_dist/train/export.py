@@ -88,13 +88,20 @@ def onnx_max_abs_diff(backbone: nn.Module, onnx_path: str | Path, model_cfg: Mod
 
 
 def backbone_from(source: str | Path) -> tuple[nn.Module, ModelConfig]:
-    """The backbone of a run checkpoint (a folder with ``state.json``: its model config and
-    the engine's weights, read weights-only) or of an export (folder or
-    ``backbone.safetensors``, beside its ``model.json``); nothing is unpickled."""
+    """The backbone of a run folder (its newest committed checkpoint), of a run checkpoint
+    (a folder with ``state.json``: its model config and the engine's weights, read
+    weights-only) or of an export (folder or ``backbone.safetensors``, beside its
+    ``model.json``); nothing is unpickled."""
     from seqface_dist.models import build_backbone
     from seqface_dist.train.checkpoint import ENGINE_DIR, ENGINE_TAG, STATE_FILE
 
     src = Path(source)
+    if src.is_dir() and not (src / STATE_FILE).is_file():  # a run folder: its newest commit
+        from seqface_dist.train.commit import filesystem, find_resumable
+
+        latest, _ = find_resumable(*filesystem(str(src)))
+        if latest is not None:
+            src = Path(latest.path)
     if (src / STATE_FILE).is_file():
         from seqface_dist.train.checkpoint import CheckpointError, check_complete
         from seqface_dist.train.safe_load import weights_only_load
