@@ -65,6 +65,10 @@ def test_export_a_checkpoint_with_onnx_matching_the_module(tmp_path, capsys):
     with torch.no_grad():
         ref = load_model(out).eval()(x).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    # The .pt2 program, loaded the one-line way the docs give, is in inference mode.
+    program = torch.export.load(str(out / "embedding.pt2")).module()
+    with torch.no_grad():
+        np.testing.assert_allclose(program(x).numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_export_of_an_export_and_bad_sources(tmp_path, capsys):

@@ -9,8 +9,13 @@
 
 Load with ``seqface_dist.eval.embed.load_model("export")``: it builds the backbone named
 in model.json and loads the safetensors weights, unpickling nothing. The ``.pt2`` program
-serves runtimes without this package (``torch.export.load(...).module()``); torch's loader
-may unpickle parts of it, so load it only from a source you trust (``--trust-model``).
+serves runtimes without this package, in one line::
+
+    net = torch.export.load("export/embedding.pt2").module()   # already in inference mode
+
+It was exported from ``eval()`` (batch norm on running statistics), and torch refuses
+``.eval()``/``.train()`` on exported modules: call it as it is. Torch's loader may unpickle
+parts of the file, so load it only from a source you trust (``--trust-model``).
 
 ``seqface export SRC --out DIR [--onnx]`` writes these files from a run checkpoint (its
 engine's weights read weights-only) or from another export, and with ``--onnx`` the ONNX
