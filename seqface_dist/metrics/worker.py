@@ -3,10 +3,12 @@
 Each worker owns a private ``CollectorRegistry`` (never the global one), so several
 workers, and tests, live in one process without clashing. The endpoint binds loopback
 and port 0 by default: the OS picks a free port, so workers sharing a node never collide;
-``start`` returns the port for service discovery.
+``start`` returns the port for service discovery. A port P > 0 is a base: the worker of
+local rank k (its index among the workers of its node) binds P + k, a fixed port that a
+scraper without the discovery file (a kube-prometheus PodMonitor) can target.
 
     m = WorkerMetrics(run="exp1", rank=0, node="10.0.0.5", world_size=8)
-    port = m.start("127.0.0.1", 0)
+    port = m.start("127.0.0.1", 0)      # or m.start("0.0.0.0", 9100, local_rank=3): 9103
     m.set_head_rows(classifier=125_000, identity_centers=125_000, sequence_centers=500_000)
     m.observe_step({"data_wait": 0.01, "forward": 0.1, "backward": 0.2,
                     "communication": 0.03, "optimizer": 0.02},
@@ -60,6 +62,21 @@ def _check_label_value(value: str, what: str) -> str:
         raise ValueError(f"{what}: {value!r} is not a valid label value "
                          "(1-64 characters of letters, digits, '_', '.', '-')")
     return value
+
+
+def endpoint_port(base: int, local_rank: int = 0) -> int:
+    """The port the worker of ``local_rank`` binds: 0 (any free port) when ``base`` is 0,
+    else ``base + local_rank``, so that the workers of one node never collide."""
+    base, local_rank = int(base), int(local_rank)
+    if base < 0 or local_rank < 0:
+        raise ValueError(f"metrics port: base {base} and local rank {local_rank} must be >= 0")
+    if base == 0:
+        return 0
+    port = base + local_rank
+    if port > 65535:
+        raise ValueError(f"metrics.port {base} + local rank {local_rank} = {port} is past "
+                         "65535: lower metrics.port")
+    return port
 
 
 class WorkerMetrics:
@@ -239,12 +256,22 @@ class WorkerMetrics:
 
     # -- the endpoint --------------------------------------------------------------------
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Serve ``/metrics`` on host:port (0 = any free port); return the bound port."""
+    def start(self, host: str = "127.0.0.1", port: int = 0, local_rank: int = 0) -> int:
+        """Serve ``/metrics`` on host and return the bound port: any free port when
+        ``port`` is 0, else ``port + local_rank`` (:func:`endpoint_port`)."""
         if self._server is not None:
             raise RuntimeError(f"metrics endpoint of rank {self.rank} already serves "
                                f"on port {self.port}")
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        bind = endpoint_port(port, local_rank)
+        try:
+            self._server, self._thread = start_http_server(bind, addr=host,
+                                                           registry=self.registry)
+        except OSError as e:
+            if not bind:
+                raise
+            raise OSError(e.errno, f"metrics endpoint of rank {self.rank}: cannot bind "
+                                   f"{host}:{bind} (metrics.port {port} + local rank "
+                                   f"{local_rank}): {e.strerror}") from e
         self.port = int(self._server.server_port)
         return self.port
 
@@ -284,7 +311,7 @@ class NullMetrics:
     def set_eval(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def start(self, host: str = "127.0.0.1", port: int = 0, local_rank: int = 0) -> None:
         return None
 
     def stop(self) -> None:
