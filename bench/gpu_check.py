@@ -153,6 +153,77 @@ def backbones(device: torch.device, steps: int, batch: int) -> None:
             print(f"{name} {size} {'bf16' if dtype else 'fp32'}: {batch / s:8.1f} images/s")
 
 
+# --- fp16 with DeepSpeed's dynamic loss scale (issue 16; self-contained) -----------------
+
+
+def fp16_loss_scale_check(device: torch.device, steps: int = 12) -> None:
+    """``train.precision: fp16`` through the real training step on one GPU rank: DeepSpeed's
+    fp16 block with a dynamic loss scale started far too high (2^40) so that the first
+    steps overflow. Checks: every overflowed step is reported skipped
+    (``loss_scale_overflow``), the head's W and centers do not move on it, the engine's
+    scale falls; once the scale fits, steps apply, the loss is finite, and the head's
+    gradient norm is the unscaled one (well below the scale). Needs CUDA and DeepSpeed
+    (DeepSpeed refuses fp16 on CPUs); prints what it skips otherwise."""
+    if device.type != "cuda":
+        print("fp16 loss scale: skipped (DeepSpeed's fp16 needs a CUDA device)")
+        return
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        print("fp16 loss scale: skipped (DeepSpeed is not installed here)")
+        return
+    import json
+    import math
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    from seqface_dist.train.smoke import smoke_config
+    from seqface_dist.train.worker import deepspeed_trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = os.path.join(tmp, "ds.json")
+        with open(ds, "w") as f:
+            json.dump({"fp16": {"initial_scale_power": 40, "loss_scale_window": 1000,
+                                "hysteresis": 1, "min_loss_scale": 1}}, f)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", init_method=f"file://{tmp}/store", rank=0,
+                                    world_size=1)
+        cfg = smoke_config(None, ["train.precision=fp16", "train.use_gpu=true",
+                                  f"train.deepspeed_config={ds}", "optim.grad_clip=5",
+                                  "data.identities_per_batch=16",
+                                  "data.sequences_per_batch=16"])
+        trainer, _ = deepspeed_trainer(cfg, 32, 64, 64, world=1, device=device,
+                                       sequence_weight=1.0)
+        scale0 = trainer.engine._get_optimizer_loss_scale()
+        g = torch.Generator().manual_seed(0)
+        skipped = applied = 0
+        ok = True
+        for step in range(steps):
+            images = torch.randint(0, 256, (32, 32, 32, 1), generator=g, dtype=torch.uint8)
+            t = torch.cat([torch.randint(0, 64, (16,), generator=g),
+                           64 + torch.randint(0, 64, (16,), generator=g)])
+            w0 = trainer.head.weight.detach().clone()
+            c0 = trainer.head.centers.detach().clone()
+            res = trainer.step(images, t, step)
+            moved = not (torch.equal(w0, trainer.head.weight) and
+                         torch.equal(c0, trainer.head.centers))
+            if res.skipped:
+                skipped += 1
+                ok &= res.nonfinite == ("loss_scale_overflow",) and not moved
+            else:
+                applied += 1
+                ok &= moved and math.isfinite(res.grad_norm) and res.grad_norm < 1e6
+        scale1 = trainer.engine._get_optimizer_loss_scale()
+        ok &= skipped > 0 and applied > 0 and scale1 < scale0
+        print(f"fp16 loss scale: {skipped} overflowed steps skipped (head unmoved), "
+              f"{applied} applied, scale {scale0:g} -> {scale1:g}: "
+              f"{'OK' if ok else 'FAILED'}")
+        dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -171,6 +242,7 @@ def main() -> None:
     # The whole 10M + 10M head on one device, bf16 (~75 GiB at rate 1 in lsr).
     head_speed(device, [30_000] if small else [10_000_000], steps, dtype=torch.bfloat16)
     backbones(device, 1 if small else args.steps, 4 if small else 128)
+    fp16_loss_scale_check(device)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -180,12 +181,12 @@ class DataConfig:
     identity_shards: list[str] = field(default_factory=list)
     sequence_shards: list[str] = field(default_factory=list)
     identities_per_batch: int = 32  # per worker, reference 32 + 32
-    sequences_per_batch: int = 32
+    sequences_per_batch: int = 32  # per worker; 0 = identities only
     num_workers: int = 2  # batch worker processes per training worker (0: in-process)
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples each reader shuffles among
     resampled: bool = True  # fixed samples per epoch: uneven shards never hang the epoch end
     samples_per_epoch: int = 0  # per worker; 0 = the shard set's size / world size
-    flip: bool = True
+    flip: bool = True  # random horizontal flip of training images
     random_crop: int = 0  # pixels of random-crop padding; 0 = off
     s3_endpoint_url: str = ""  # "" = AWS_ENDPOINT_URL or the standard AWS endpoint
     # botocore timeouts: to connect, and for each wait for more response bytes. Every
@@ -254,13 +255,25 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    run_name: str = "seqface"
+    run_name: str = "seqface"  # the run's folder under storage_path
     storage_path: str = "./runs"  # local folder or s3://bucket/prefix
     num_workers: int = 2  # >= 1 Ray Train workers (one per GPU, or CPU processes)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per Ray Train worker (NCCL); false: CPU workers (gloo)
     cpus_per_worker: int = 1  # >= 1
     zero_stage: int = 0  # 0, 1 or 2
-    precision: str = "fp32"  # fp32 | bf16
+    # The backbone's precision inside DeepSpeed: fp32 | bf16 | fp16. fp16 is DeepSpeed's
+    # fp16 block with a dynamic loss scale (GPUs only: DeepSpeed refuses fp16 on CPUs);
+    # the head outside the engine unscales its own gradient by the engine's scale and
+    # skips its step whenever the engine skips one on overflow (train/step.py).
+    precision: str = "fp32"
+    # Micro-batches per optimizer step, >= 1: each worker's batch (data.*_per_batch) is
+    # split into this many equal micro-batches (it must divide the batch); backbone
+    # (DeepSpeed's gradient accumulation) and head (train/step.py) accumulate and step
+    # once per step, so the lr schedule counts optimizer steps.
+    gradient_accumulation_steps: int = 1
+    # Your own DeepSpeed JSON (local path or s3://), merged under seqface's keys: see
+    # seqface_dist/deepspeed_json.py for what is overridden and what is refused.
+    deepspeed_config: str = ""
     # The head's W and centers (and their momentum): bf16 halves their memory (what lets
     # 10M + 10M rows fit 8 ranks in every sequence mode); norms, softmax statistics and
     # DSA distances stay fp32, W's updates round stochastically (parallel/optim.py).
@@ -274,6 +287,10 @@ class TrainConfig:
     # Take only the backbone's weights from resume_from (a new head and schedule: other
     # data, or another classifier layout); otherwise the data must be the same.
     resume_weights_only: bool = False
+    # Start a new run (step 0, fresh optimizers, fresh head) from the backbone weights of a
+    # run checkpoint, an export folder, or an insightface arcface_torch iresnet .pth
+    # (seqface_dist/train/init_from.py; nothing is unpickled). Not with resume_from.
+    init_from: str = ""
     # A step whose loss or gradient norm is not finite is skipped (no update, counted as
     # skipped_steps); more than this many in a row stop the run. >= 0; 0 = stop at the
     # first. Skipping needs zero_stage 0: with ZeRO 1/2 the first one stops the run.
@@ -291,7 +308,11 @@ class TrainConfig:
         _range(self, p, "cpus_per_worker", 1)
         _check(self.zero_stage in (0, 1, 2), f"{p}.zero_stage",
                f"must be 0, 1 or 2 (got {self.zero_stage})")
-        _check(self.precision in ("fp32", "bf16"), f"{p}.precision", "must be 'fp32' or 'bf16'")
+        _check(self.precision in ("fp32", "bf16", "fp16"), f"{p}.precision",
+               f"must be 'fp32', 'bf16' or 'fp16' (got {self.precision!r})")
+        _check(self.precision != "fp16" or self.use_gpu, f"{p}.precision",
+               "fp16 needs train.use_gpu: true (DeepSpeed refuses fp16 on CPUs; use bf16)")
+        _range(self, p, "gradient_accumulation_steps", 1)
         _check(self.head_precision in ("fp32", "bf16"), f"{p}.head_precision",
                "must be 'fp32' or 'bf16'")
         _range(self, p, "seed", 0, 2**32 - 1)
@@ -302,13 +323,79 @@ class TrainConfig:
         _range(self, p, "max_nonfinite_steps", 0)
         _check(self.resume_from or not self.resume_weights_only, f"{p}.resume_weights_only",
                "needs train.resume_from (the checkpoint whose weights to take)")
+        _check(not (self.init_from and self.resume_from), f"{p}.init_from",
+               f"cannot be set together with train.resume_from ({self.resume_from}): "
+               "init_from starts a new run from a backbone's weights, resume_from continues "
+               "a run; keep one (resume_from + resume_weights_only also takes only weights)")
+        if self.deepspeed_config:
+            self.deepspeed_config = _local_absolute(self.deepspeed_config)
+            _check_deepspeed_json(self.deepspeed_config, f"{p}.deepspeed_config")
+        if self.init_from:
+            self.init_from = _local_absolute(self.init_from)
+            _check_init_from(self.init_from, f"{p}.init_from")
+
+
+def _local_absolute(path: str) -> str:
+    """A relative local path made absolute (Ray workers run in another working
+    directory, and each validates the config again); URLs unchanged."""
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _check_deepspeed_json(uri: str, key: str) -> None:
+    """The user's DeepSpeed JSON exists, parses and holds nothing seqface refuses."""
+    from seqface_dist.deepspeed_json import DeepSpeedConfigError, read_json, refusals
+
+    try:
+        user = read_json(uri)
+    except DeepSpeedConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    bad = refusals(user)
+    if bad:
+        raise ConfigError(f"{key}: {uri}: cannot run beside the partitioned head: "
+                          + "; ".join(bad))
+
+
+def _check_init_from(uri: str, key: str) -> None:
+    """train.init_from names something readable of a kind it can load (the weights
+    themselves are checked key by key and shape by shape when they load)."""
+    if "://" in uri:
+        try:
+            import pyarrow.fs as pafs
+
+            fs, path = pafs.FileSystem.from_uri(uri)
+            info = fs.get_file_info(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}: {uri}: cannot reach it ({e})") from None
+        _check(info.type != pafs.FileType.NotFound, key, f"{uri}: does not exist")
+        return
+    p = Path(uri)
+    _check(p.exists(), key, f"{uri}: does not exist")
+    if p.is_dir():
+        _check((p / "state.json").is_file() or (p / "model.json").is_file(), key,
+               f"{uri}: neither a run checkpoint (no state.json) nor an export (no "
+               "model.json)")
+        return
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"{key}: {uri}: not readable ({e.strerror})") from None
+    _check(p.suffix in (".pth", ".pt", ".safetensors"), key,
+           f"{uri}: a file must be an arcface_torch .pth/.pt state dict or a "
+           "backbone .safetensors")
 
 
 @dataclass
 class MetricsConfig:
-    enabled: bool = True
+    enabled: bool = True  # each worker serves Prometheus /metrics
     host: str = "127.0.0.1"  # loopback unless the cluster needs otherwise (0.0.0.0 on a cluster)
-    port: int = 0  # [0, 65535]; 0 = any free port (several workers per node never collide)
+    # [0, 65535]; 0 = any free port (several workers per node never collide; found through
+    # service_discovery_dir). P > 0 = a base port: the worker of local rank k (its index
+    # among its node's workers) serves on P + k, fixed ports a PodMonitor can target
+    # (cluster/kuberay-podmonitor.yaml); P + workers per node - 1 must stay <= 65535.
+    port: int = 0
     # Address Prometheus scrapes; "" = the node IP when host is 0.0.0.0, else host.
     advertise_host: str = ""
     # Folder Prometheus watches (file_sd glob <dir>/*.json); the driver keeps <run>.json
@@ -320,15 +407,95 @@ class MetricsConfig:
         _range(self, p, "port", 0, 65535)
 
 
+# An evaluation set's name: a metric label value and a part of report keys.
+EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+@dataclass
+class EvalSetConfig:
+    """One verification set rank 0 evaluates during training."""
+
+    name: str = ""  # 1-64 of letters, digits, '_', '.', '-'; the key eval/<name>/...
+    path: str = ""  # a .bin file or an LFW-style pairs.txt: local path, file:// or s3://
+    root: str = ""  # image root of a pairs.txt set (local or s3://); "" for .bin
+
+    def validate(self, p: str) -> None:
+        _check(bool(EVAL_SET_NAME.match(self.name)), f"{p}.name",
+               f"must be 1-64 letters, digits, '_', '.' or '-' (got {self.name!r})")
+        _check(bool(self.path), f"{p}.path", "must name a .bin file or a pairs.txt")
+        _check(eval_set_kind(self.path) == "bin" or bool(self.root), f"{p}.root",
+               f"a pairs list ({self.path}) needs the image root folder")
+
+
+def eval_set_kind(path: str) -> str:
+    """``bin`` for an insightface ``.bin`` set, ``pairs`` for an LFW-style pairs.txt."""
+    return "bin" if path.rstrip("/").endswith(".bin") else "pairs"
+
+
+def _stem(path: str) -> str:
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
 @dataclass
 class EvalConfig:
-    pairs: str = ""  # pairs set evaluated by rank 0 during training: .bin or pairs.txt
-    root: str = ""  # image root of a pairs.txt set
+    # Verification sets rank 0 evaluates every every_steps and at the end (arcface_torch
+    # style: lfw, cfp_fp, agedb_30 .bin files together), each {name, path, root?}:
+    #   sets: [{name: lfw, path: s3://bucket/eval/lfw.bin}, {name: cfp_fp, path: ...}]
+    # Report keys eval/<name>/accuracy, ...; the eval metrics carry dataset=<name>.
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    # Shorthand for one set: pairs (.bin or pairs.txt) and root (of a pairs.txt), named
+    # after the .bin file's stem or the root folder (resolved_sets()). Not with sets.
+    pairs: str = ""
+    root: str = ""
     every_steps: int = 0  # >= 0; 0 = only at the end
-    flip_test: bool = True
+    flip_test: bool = True  # embed each image and its mirror, sum the two
+
+    def resolved_sets(self) -> list[EvalSetConfig]:
+        """Every set to evaluate: ``sets``, or the one ``pairs``/``root`` describe."""
+        if not self.pairs:
+            return list(self.sets)
+        kind = eval_set_kind(self.pairs)
+        name = _stem(self.pairs) if kind == "bin" or not self.root else _stem(self.root)
+        name = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:64] or "pairs"
+        return [EvalSetConfig(name=name, path=self.pairs, root=self.root)]
 
     def validate(self, p: str) -> None:
         _range(self, p, "every_steps", 0)
+        _check(not (self.pairs and self.sets), f"{p}.pairs",
+               "give either eval.pairs (one set) or eval.sets, not both")
+        _check(bool(self.pairs) or not self.root, f"{p}.root",
+               "is the image root of eval.pairs, which is empty (in eval.sets each set "
+               "has its own root)")
+        if self.pairs:
+            _check(eval_set_kind(self.pairs) == "bin" or bool(self.root), f"{p}.root",
+                   f"a pairs list ({self.pairs}) needs the image root folder")
+        seen: set[str] = set()
+        for i, s in enumerate(self.sets):
+            s.validate(f"{p}.sets[{i}]")
+            _check(s.name not in seen, f"{p}.sets[{i}].name",
+                   f"{s.name!r} names two sets; each needs its own name")
+            seen.add(s.name)
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking, by rank 0 (seqface_dist.train.tracking): the dict every logged
+    step writes to history.jsonl also goes to TensorBoard and, if set, MLflow."""
+
+    # TensorBoard event files in <storage>/<run>/tensorboard/ (tensorboardX; on s3://
+    # storage written locally and uploaded at every checkpoint and at the end).
+    tensorboard: bool = True
+    # An MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, or file:///mlruns,
+    # which MLflow 3 accepts only with MLFLOW_ALLOW_FILE_STORE=true); "" = no MLflow.
+    # Needs `pip install mlflow-skinny` (or mlflow): params = the resolved config
+    # flattened, metrics = every logged step's scalars.
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "seqface"  # the MLflow experiment; the run is train.run_name
+
+    def validate(self, p: str) -> None:
+        _check(not self.mlflow_uri or bool(self.mlflow_experiment), f"{p}.mlflow_experiment",
+               "must not be empty when tracking.mlflow_uri is set")
 
 
 @dataclass
@@ -340,6 +507,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -348,6 +516,11 @@ class Config:
         # gradients in place: ZeRO 1/2 keep them partitioned inside the engine.
         _check(self.optim.grad_clip == 0 or self.train.zero_stage == 0, "optim.grad_clip",
                "gradient clipping needs train.zero_stage: 0 (ZeRO 1/2 partition gradients)")
+        k = self.train.gradient_accumulation_steps
+        per_worker = self.data.identities_per_batch + self.data.sequences_per_batch
+        _check(per_worker % k == 0, "train.gradient_accumulation_steps",
+               f"must divide the batch per worker (data.identities_per_batch + "
+               f"data.sequences_per_batch = {per_worker}) into equal micro-batches (got {k})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -374,6 +547,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):  # a list of sections (eval.sets)
+        return _build(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value

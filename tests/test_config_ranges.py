@@ -52,6 +52,7 @@ BAD: dict[str, list] = {
     "train.keep_checkpoints": [0],
     "train.max_failures": [-1],
     "train.max_nonfinite_steps": [-1],
+    "train.gradient_accumulation_steps": [0, -2],
     "metrics.port": [-1, 65536],
     "eval.every_steps": [-1],
 }
@@ -66,6 +67,7 @@ EDGES: dict[str, list] = {
     "optim.weight_decay": [0.0, 0.5], "optim.milestones": [[0, 0, 3], []],
     "optim.gamma": [1.0], "optim.max_steps": [1], "train.seed": [0, 2**32 - 1],
     "train.max_failures": [0], "train.max_nonfinite_steps": [0], "metrics.port": [0, 65535],
+    "train.gradient_accumulation_steps": [1, 64],
     "eval.every_steps": [0],
 }
 

@@ -4,8 +4,10 @@ Pure numpy (importing this package does not import torch):
     verification.evaluate_scores, cosine_scores, plot_roc, VerificationResult
     pairs.read_lfw_pairs, read_bin (safe: no arbitrary unpickling)
     video.pool_video, read_video_splits, evaluate_video_pairs
+    ijb.read_protocol, template_features, template_scores, evaluate_ijb (IJB-B/C templates)
 With torch:
     embed.load_model, embed_images; evaluate.load_verification_set, evaluate_model
+    sets.load_eval_set (a training run's eval.sets entry, local or s3://)
 """
 
 from seqface_dist.eval.pairs import BinSet, PairList, UnsafePickleError, read_bin, read_lfw_pairs

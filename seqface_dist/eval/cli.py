@@ -3,6 +3,7 @@
     seqface eval pairs --model run/export --pairs lfw/pairs.txt --root lfw/images --flip
     seqface eval bin   --model w.safetensors --backbone sphere20 --bin lfw.bin --roc roc.png
     seqface eval video --model model.pt --trust-model --splits ytf/splits.txt --root ytf/frames
+    seqface eval ijb   --model run/export --root IJB_release/IJBB --flip --json ijbb.json
 
 ``--model`` is an export folder (``seqface train`` writes ``<checkpoint>/export``) or a
 file in it, or a ``.safetensors`` state dict whose backbone is named by ``--backbone`` (or
@@ -14,10 +15,11 @@ anything. A ``.pt2`` program or a TorchScript file can run code when loaded: onl
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="verification on pairs, .bin files and videos")
+    p = sub.add_parser("eval", help="verification on pairs, .bin files, videos and IJB")
     esub = p.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
 
     pp = esub.add_parser("pairs", help="LFW-style pairs.txt + image root, 10-fold protocol")
@@ -37,6 +39,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     pv.add_argument("--max-frames", type=int, default=0, help="frames per video (0 = all)")
     _common(pv)
     pv.set_defaults(handler=_run_video)
+
+    from seqface_dist.eval.ijb import IJB_FARS
+
+    pi = esub.add_parser(
+        "ijb", help="IJB-B/C-style template verification (media pooling, TAR@FAR)",
+        description="1:1 template verification in insightface's IJB layout: "
+        "ROOT/meta/<target>_face_tid_mid.txt (image template media), "
+        "ROOT/meta/<target>_template_pair_label.txt (t1 t2 label), ROOT/loose_crop/<image>. "
+        "Image features are L2-normalised, averaged per media of a template, the media "
+        "averaged per template and normalised; a pair's score is their cosine. No landmark "
+        "alignment is done: the crops must already be aligned to the model's input "
+        "(insightface's loose crops need its 5-point alignment first).")
+    pi.add_argument("--root", default=None, help="IJB folder holding meta/ and loose_crop/")
+    pi.add_argument("--target", default=None,
+                    help="meta file prefix: ijbb or ijbc (default: ROOT's name, lower-cased)")
+    pi.add_argument("--tid-mid", default=None, help="image template_id media_id file "
+                    "(default ROOT/meta/<target>_face_tid_mid.txt)")
+    pi.add_argument("--pair-label", default=None, help="template1 template2 label file "
+                    "(default ROOT/meta/<target>_template_pair_label.txt)")
+    pi.add_argument("--images", default=None, help="folder of the aligned crops "
+                    "(default ROOT/loose_crop)")
+    pi.add_argument("--json", default=None, help="write the result (TAR@FAR, AUC) as JSON")
+    _common(pi)
+    pi.set_defaults(handler=_run_ijb, far=list(IJB_FARS))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -144,3 +170,36 @@ def _run_video(args: argparse.Namespace) -> int:
                                far_targets=args.far, progress=not args.no_progress,
                                device=args.device)
     return _finish(args, res, "video")
+
+
+@_clear_errors
+def _run_ijb(args: argparse.Namespace) -> int:
+    from seqface_dist.eval.ijb import (
+        evaluate_ijb_model,
+        meta_paths,
+        plot_ijb_roc,
+        read_protocol,
+        write_json,
+    )
+
+    if args.root:
+        tid_mid, pair_label, images = meta_paths(args.root, args.target)
+    elif not (args.tid_mid and args.pair_label and args.images):
+        raise ValueError("give --root (insightface's IJB layout), or all of --tid-mid, "
+                         "--pair-label and --images")
+    else:
+        tid_mid = pair_label = images = None
+    tid_mid, pair_label = args.tid_mid or tid_mid, args.pair_label or pair_label
+    images = args.images or images
+    proto = read_protocol(tid_mid, pair_label)
+    net, size = _model(args)
+    name = (args.target or (Path(args.root).name if args.root else "ijb")).lower()
+    res = evaluate_ijb_model(net, proto, images, flip=args.flip, batch_size=args.batch_size,
+                             input_size=size, far_targets=args.far,
+                             progress=not args.no_progress, device=args.device, name=name)
+    print(res.table())
+    if args.json:
+        print(f"JSON: {write_json(res, args.json)}")
+    if args.roc:
+        print(f"ROC curve: {plot_ijb_roc(res, args.roc)}")
+    return 0

@@ -160,6 +160,11 @@ class PartitionedHead(nn.Module):
             _chunked_init_(centers[:n_id_local], id0, xavier, seed)
             _chunked_init_(centers[n_id_local:], spec.num_identities + sq0, xavier, seed)
         self.centers = nn.Parameter(centers)
+        # Gradient accumulation (train.gradient_accumulation_steps > 1; see
+        # collect_center_update): the center update summed over a step's micro-batches.
+        self.accumulating = False
+        self._own_rows: torch.Tensor | None = None  # last forward's owned center rows
+        self._center_acc: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # -- construction checks ------------------------------------------------------------
 
@@ -270,6 +275,9 @@ class PartitionedHead(nn.Module):
             neg_rows = self.local_rows_of(negatives.to(t.device).long())
             neg_rows = neg_rows[neg_rows >= 0]
         neg_index = self.global_index_of_rows(neg_rows)
+        if self.accumulating:
+            own = self.local_rows_of(t)
+            self._own_rows = own[own >= 0]
         dsa_i, pull_i, push_i, stats = BlockDSA.apply(
             feats, self.centers, t, self.local_rows_of(t), is_seq, neg_rows, neg_index,
             neg_index >= n_id, self.comm, cfg.dsa_lambda, cfg.dsa_alpha, cfg.dsa_beta)
@@ -379,6 +387,58 @@ class PartitionedHead(nn.Module):
         g = self.weight.grad
         if g is not None:
             (g.coalesce().values() if g.is_sparse else g).mul_(coef)
+
+    # -- gradient accumulation ------------------------------------------------------------
+    #
+    # W's gradient is a true gradient: micro-batch losses scaled by 1/k sum to the large
+    # batch's mean gradient through autograd alone. The centers' update is not: each
+    # micro-batch's is -(1/(1 + count_n)) sum (f_i - c_n) / 2 with *its own* count, and
+    # a sum of those is not the large batch's. With ``accumulating`` set, the Trainer calls
+    # collect_center_update() after each micro-batch's backward (it keeps the raw sums
+    # -sum (f_i - c_n) / 2 and the counts) and finish_accumulation() at the step's end: the
+    # centers then move once, by the update the whole step's batch gives (the centers do
+    # not move between micro-batches, so the raw sums add up exactly).
+
+    def collect_center_update(self) -> None:
+        """Move the last micro-batch's center update out of ``centers.grad`` as raw sums."""
+        g, rows = self.centers.grad, self._own_rows
+        self._own_rows = None
+        if g is None:
+            return
+        self.centers.grad = None
+        g = g.coalesce()
+        idx, vals = g.indices()[0], g.values()
+        if rows is None or not idx.numel():
+            return
+        uniq, count = torch.unique(rows, return_counts=True)
+        pos = torch.searchsorted(uniq, idx)
+        raw = vals.to(torch.float32 if vals.dtype == torch.bfloat16 else vals.dtype)
+        raw = raw * (1.0 + count[pos].to(raw.dtype))[:, None]
+        self._center_acc.append((idx, raw, rows))
+
+    def finish_accumulation(self) -> None:
+        """The step's center update into ``centers.grad`` (normalised by the step's
+        counts); W's accumulated sparse gradient coalesced."""
+        g = self.weight.grad
+        if g is not None and g.is_sparse and not g.is_coalesced():
+            self.weight.grad = g.coalesce()
+        acc, self._center_acc = self._center_acc, []
+        if not acc:
+            return
+        idx = torch.cat([a[0] for a in acc])
+        raw = torch.cat([a[1] for a in acc])
+        total = torch.sparse_coo_tensor(idx[None], raw, (self.centers.shape[0], raw.shape[1]),
+                                        check_invariants=False).coalesce()
+        uniq, count = torch.unique(torch.cat([a[2] for a in acc]), return_counts=True)
+        rows, vals = total.indices()[0], total.values()
+        vals = vals / (1.0 + count[torch.searchsorted(uniq, rows)].to(vals.dtype))[:, None]
+        self.centers.grad = torch.sparse_coo_tensor(
+            rows[None], vals.to(self.centers.dtype), self.centers.shape, is_coalesced=True,
+            check_invariants=False)
+
+    def discard_accumulation(self) -> None:
+        """Drop a skipped step's collected center updates."""
+        self._center_acc, self._own_rows = [], None
 
     def make_optimizer(self, lr: float, momentum: float = 0.9,
                        weight_decay: float = 5e-4) -> InPlaceSGD:

@@ -11,6 +11,7 @@ GPU cluster (the same code; see launch/submit.sh and the README):
 
 The preflight runs before any worker starts and refuses, with a message naming what to
 fix: an invalid config, shard manifests that cannot be read or disagree with the model,
+an evaluation set (``eval.sets``) that cannot be read or parsed,
 a checkpoint to resume that does not fit, a storage path that cannot be written, and
 (once connected to Ray) more workers than the cluster has CPUs or GPUs for.
 """
@@ -75,6 +76,8 @@ def resolve_paths(cfg: Config) -> Config:
     d.identity_shards = [_absolute(p) for p in d.identity_shards]
     d.sequence_shards = [_absolute(p) for p in d.sequence_shards]
     e.pairs, e.root = _absolute(e.pairs), _absolute(e.root)
+    for s in e.sets:
+        s.path, s.root = _absolute(s.path), _absolute(s.root)
     t.resume_from, t.storage_path = _absolute(t.resume_from), _absolute(t.storage_path)
     return cfg
 
@@ -108,13 +111,28 @@ def preflight(cfg: Config) -> Preflight:
     layout = make_layout(id_sets, seq_sets)
     if layout.num_identities < 1:
         raise PreflightError("data.identity_shards: no identities; the chief loss needs some")
-    if cfg.eval.pairs and "://" not in cfg.eval.pairs and not Path(cfg.eval.pairs).exists():
-        raise PreflightError(f"eval.pairs: {cfg.eval.pairs} does not exist (rank 0 evaluates "
-                             "it during training; '' = no evaluation)")
+    _check_eval_sets(cfg)
     if cfg.train.resume_from:
         _check_resume(cfg, layout.to_dict())
     storage = _check_storage(cfg.train.storage_path, d.s3_endpoint_url)
     return Preflight(layout.num_identities, layout.num_sequences, storage)
+
+
+def _check_eval_sets(cfg: Config) -> None:
+    """Every evaluation set exists, is readable and parses, with genuine and impostor
+    pairs (rank 0 evaluates them during training and at the end)."""
+    sets = cfg.eval.resolved_sets()
+    if not sets:
+        return
+    from seqface_dist.eval.sets import check_eval_set
+
+    for i, spec in enumerate(sets):
+        key = "eval.pairs" if cfg.eval.pairs else f"eval.sets[{i}] ({spec.name})"
+        try:
+            check_eval_set(spec, cfg.data.s3_endpoint_url)
+        except Exception as e:
+            raise PreflightError(f"{key}: {spec.path}: cannot evaluate it: {e} (rank 0 "
+                                 "evaluates it during training; '' = no evaluation)") from None
 
 
 def _check_resume(cfg: Config, layout: dict) -> None:

@@ -40,7 +40,9 @@ def plot_history(rows: list[dict], out: str | Path, title: str = "") -> Path:
         raise ValueError("the history has no logged steps yet")
     resumes = [r["step"] for r in rows if r.get("event") == "resumed"]
     eval_keys = sorted({k for r in logged for k in r
-                        if k.startswith("eval_") and (k.endswith("accuracy") or "tar@far" in k)})
+                        # eval/<set>/... (one set per eval.sets entry); eval_...: older runs
+                        if k.startswith(("eval/", "eval_")) and
+                        (k.endswith("accuracy") or "tar@far" in k)})
     panels = [("loss", LOSS_TERMS, "log"), ("learning rate, lambda", ("lr", "lambda"), "log"),
               ("verification", tuple(eval_keys), "linear"),
               ("throughput (samples/s)", ("samples_per_second",), "linear")]

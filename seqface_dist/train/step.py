@@ -20,6 +20,35 @@ More than ``train.max_nonfinite_steps`` skipped in a row raise :class:`NonFinite
 
 The backbone is a DeepSpeed engine in the Ray worker and a :class:`LocalEngine` (the same
 three calls over a plain module and torch SGD) everywhere else.
+
+Gradient accumulation (``train.gradient_accumulation_steps`` k > 1): ``step`` gets the
+step's whole batch (or a list of k micro-batches) and runs k forward/backward passes, the
+micro-batch j holding samples j, j + k, j + 2k, ... (so a loader batch of identities then
+sequences keeps its mix in each), each loss scaled by 1/k (DeepSpeed's own scaling
+for its engine, with the accumulation boundary set on the last one); then, once, the
+non-finite check, clipping over the accumulated gradient, the backbone's and the head's
+optimizer steps. The step number, the lr and lambda schedules and the DSA negative draw
+stay those of the step, so every micro-batch sees the same negatives. What this equals:
+
+* W's gradient and the feature gradients: the large batch's mean gradient, exactly, when
+  every micro-batch counts the same number of samples in the chief loss (every mode with
+  the loader's fixed mix; ``none`` counts identity samples only) and the full softmax is
+  used (``sampled_softmax_fraction`` < 1 draws rows per micro-batch, from its positives).
+* The centers: moved once per step by the update of the whole batch,
+  -(1/(1 + count_n)) sum (f_i - c_n) / 2 over all k micro-batches (counts summed; see
+  ``PartitionedHead.collect_center_update``): exactly the large batch's, not k updates.
+* The backbone: exactly the large batch's gradient for a network without BatchNorm. A
+  BatchNorm layer normalises each micro-batch by its own statistics and moves its running
+  statistics k times: that part is not the large batch's (as with any accumulation).
+
+fp16 (``train.precision: fp16``, DeepSpeed's fp16 block with a dynamic loss scale): the
+engine multiplies the loss by its scale S before the backward, so the head's W gradient
+arrives scaled by S as well (the head is outside the engine, which unscales only its own
+gradients). The scale actually applied is read off the gradient reaching the loss tensor;
+W's gradient is divided by it and the global norm computed unscaled. A step whose
+gradients overflow is handed to the engine anyway (it skips its update and lowers S) and
+the head skips its step too; such loss-scale skips are counted in ``skipped_steps`` but
+not toward ``train.max_nonfinite_steps`` (a non-finite loss still is).
 """
 
 from __future__ import annotations
@@ -150,52 +179,130 @@ class Trainer:
         # BatchNorm statistics move in the forward, before the check: kept to put back.
         self._buffers = list(self.module.buffers())
         self._saved_buffers = [b.detach().clone() for b in self._buffers]
+        # The engine's parameters may be bf16/fp16 (train.precision): inputs in their dtype.
+        self._input_dtype = next((p.dtype for p in self.module.parameters()
+                                  if p.is_floating_point()), torch.float32)
+        self.accumulation = self.cfg.train.gradient_accumulation_steps
+        self._local = isinstance(self.engine, LocalEngine)
+        if not self._local:  # DeepSpeed scales each micro-batch's loss by its own count
+            gas = self.engine.gradient_accumulation_steps()
+            if gas != self.accumulation:
+                raise ValueError(f"the DeepSpeed engine accumulates {gas} micro-batches, "
+                                 "train.gradient_accumulation_steps is "
+                                 f"{self.accumulation}: build it with ds_config(cfg, ...)")
+        self.head.accumulating = self.accumulation > 1
+        fp16 = getattr(self.engine, "fp16_enabled", None)
+        self.fp16 = bool(callable(fp16) and fp16())
+        self.loss_scale_skips = 0  # fp16 steps the engine skipped on overflow
 
     @property
     def module(self) -> nn.Module:
         return self.engine.module
 
-    def step(self, images: torch.Tensor, center_index: torch.Tensor, step: int) -> StepResult:
+    def step(self, images, center_index, step: int) -> StepResult:
         """One optimisation step on this rank's batch (uint8 B x H x W x C images).
 
-        A non-finite loss or gradient norm skips the step (``StepResult.skipped``); the
-        ``train.max_nonfinite_steps + 1``-th skipped step in a row raises
-        :class:`NonFiniteLossError`.
+        With ``train.gradient_accumulation_steps`` k > 1, ``images`` and ``center_index``
+        are the step's whole batch (split into k micro-batches, see the module's doc) or
+        lists of k micro-batches. A non-finite loss or gradient norm skips the step
+        (``StepResult.skipped``); the ``train.max_nonfinite_steps + 1``-th skipped step in
+        a row raises :class:`NonFiniteLossError`.
         """
         o = self.cfg.optim
+        micro = self._micro_batches(images, center_index)
+        k = len(micro)
         factor = lr_multiplier(step, o)
         set_lr(self._optimizers, self._base_lrs, factor)
         comm_before = self.comm.seconds
-        t0 = time.perf_counter()
         for saved, b in zip(self._saved_buffers, self._buffers, strict=True):
             saved.copy_(b)
-        feats = self.engine(normalize(images.to(self.device, non_blocking=True)))
-        out = self.head(feats, center_index.to(self.device), step=step)
-        t1 = time.perf_counter()
-        self.engine.backward(out.loss)
+        t_fwd = t_bwd = 0.0
+        outs, loss_grads = [], []
+        for j, (im, ci) in enumerate(micro):
+            t0 = time.perf_counter()
+            if k > 1 and not self._local:  # the engine reduces and steps on the last one
+                self.engine.set_gradient_accumulation_boundary(j == k - 1)
+            x = normalize(im.to(self.device, non_blocking=True)).to(self._input_dtype)
+            feats = self.engine(x)
+            out = self.head(feats, ci.to(self.device), step=step)
+            t1 = time.perf_counter()
+            loss = out.loss
+            if self.fp16:  # the factor the engine's backward applies (scale / k)
+                loss = loss.view(()) * 1  # a fresh node to hook, out.loss stays as it was
+                loss.register_hook(lambda g, s=loss_grads: s.append(g.detach().float()))
+            self.engine.backward(loss / k if self._local and k > 1 else loss)
+            if k > 1:
+                self.head.collect_center_update()
+            outs.append(out)
+            t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
+        t2 = time.perf_counter()
+        out = outs[0] if k == 1 else _mean_output(outs)
+        if k > 1:
+            self.head.finish_accumulation()
+        scale = 1.0
+        if self.fp16 and loss_grads:  # W's gradient was scaled by the engine's loss scale
+            scale = float(loss_grads[-1]) * k
+            if scale != 1.0 and math.isfinite(scale) and scale > 0:
+                self.head.scale_grad_(1.0 / scale)
         # Every step, not only when clipping or logging: a NaN gradient applied once makes
         # every later step and checkpoint NaN. One sync for loss and norm together, after
         # the backward is queued and before any optimizer moves a weight.
-        sq_norm = self._grad_sq_norm()
+        sq_norm = self._grad_sq_norm(scale)
         loss_ok, norm_ok = (bool(v) for v in torch.stack(
-            [torch.isfinite(out.loss.detach().float()), torch.isfinite(sq_norm)]).cpu())
-        t2 = time.perf_counter()
+            [torch.isfinite(torch.stack([x.loss.detach().float() for x in outs])).all(),
+             torch.isfinite(sq_norm)]).cpu())
+        t3 = time.perf_counter()
+        seconds = {"forward": t_fwd, "backward": t_bwd + t3 - t2, "optimizer": 0.0,
+                   "communication": self.comm.seconds - comm_before}
+        if self.fp16 and loss_ok and not norm_ok:
+            return self._loss_scale_skip(out, o.lr * factor, seconds)
         if not (loss_ok and norm_ok):
-            return self._skip(step, out, o.lr * factor, loss_ok,
-                              {"forward": t1 - t0, "backward": t2 - t1, "optimizer": 0.0,
-                               "communication": self.comm.seconds - comm_before})
-        self.consecutive_skipped = 0
+            return self._skip(step, out, o.lr * factor, loss_ok, seconds)
         grad_norm = float(sq_norm.sqrt())
         if o.grad_clip > 0 and grad_norm > o.grad_clip:
             self._scale_gradients(o.grad_clip / (grad_norm + 1e-6))
         self.engine.step()
+        if self.fp16 and not self.engine.was_step_applied():  # the engine found an overflow
+            return self._loss_scale_skip(out, o.lr * factor, seconds, engine_stepped=True)
+        self.consecutive_skipped = 0
         self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return StepResult(out, o.lr * factor, grad_norm,
-                          {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2,
-                           "communication": self.comm.seconds - comm_before},
+        seconds["optimizer"] = time.perf_counter() - t3
+        return StepResult(out, o.lr * factor, grad_norm, seconds,
                           skipped_steps=self.skipped_steps)
+
+    def _micro_batches(self, images, center_index) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The step's k micro-batches: given as lists, or the batch's samples j::k."""
+        k = self.accumulation
+        if isinstance(images, (list, tuple)):
+            if len(images) != k or len(center_index) != k:
+                raise ValueError(f"{len(images)} micro-batches given, "
+                                 f"train.gradient_accumulation_steps is {k}")
+            return list(zip(images, center_index, strict=True))
+        if k == 1:
+            return [(images, center_index)]
+        n = images.shape[0]
+        if n % k:
+            raise ValueError(f"a batch of {n} samples does not split into "
+                             f"train.gradient_accumulation_steps={k} equal micro-batches")
+        return [(images[j::k], center_index[j::k]) for j in range(k)]
+
+    def _loss_scale_skip(self, out: HeadOutput, lr: float, seconds: dict[str, float],
+                         engine_stepped: bool = False) -> StepResult:
+        """fp16: the gradients overflowed at the engine's loss scale. The engine's step
+        sees the overflow (it skips its update and lowers the scale); the head skips too.
+        Counted in skipped_steps, not toward max_nonfinite_steps (the scaler's business)."""
+        if not engine_stepped:
+            self.engine.step()  # DeepSpeed: detects the overflow, skips, lowers the scale
+        self.head_opt.zero_grad(set_to_none=True)
+        self.head.discard_accumulation()
+        with torch.no_grad():
+            for saved, b in zip(self._saved_buffers, self._buffers, strict=True):
+                b.copy_(saved)
+        self.skipped_steps += 1
+        self.loss_scale_skips += 1
+        return StepResult(out, lr, float("nan"), seconds, skipped=True,
+                          skipped_steps=self.skipped_steps, nonfinite=("loss_scale_overflow",))
 
     def _skip(self, step: int, out: HeadOutput, lr: float, loss_ok: bool,
               seconds: dict[str, float]) -> StepResult:
@@ -205,6 +312,7 @@ class Trainer:
         if opt is not None:  # DeepSpeed's wrapper may hold its own copies (bf16)
             opt.zero_grad(set_to_none=True)
         self.head_opt.zero_grad(set_to_none=True)
+        self.head.discard_accumulation()
         with torch.no_grad():
             for saved, b in zip(self._saved_buffers, self._buffers, strict=True):
                 b.copy_(saved)
@@ -240,19 +348,22 @@ class Trainer:
                 f"{self.skipped_steps} skipped in all). The model was left at its last good "
                 f"state. Try: {'; '.join(tips)}")
 
-    def _grad_sq_norm(self) -> torch.Tensor:
+    def _grad_sq_norm(self, loss_scale: float = 1.0) -> torch.Tensor:
         """Squared global gradient norm over backbone and head rows (a collective; no sync).
 
         Backbone gradients are identical on every rank after DeepSpeed's all-reduce (ZeRO
         0); the head's row gradients are disjoint blocks, so their squares are summed over
         ranks. Every rank gets the same value, so every rank skips the same steps. The
-        center update is not a gradient and is not counted.
+        center update is not a gradient and is not counted. ``loss_scale`` (fp16): the
+        backbone's gradients are still scaled by it (the engine unscales them in its step).
         """
         bb = [p.grad for p in self.module.parameters() if p.grad is not None]
         sq_head = self.head.grad_sq_norm()
         if not bb:
             return sq_head.float()
-        sq_bb = torch.nn.utils.get_total_norm(bb).float().square()
+        sq_bb = torch.nn.utils.get_total_norm([g.float() for g in bb]).square()
+        if loss_scale != 1.0:
+            sq_bb = sq_bb / loss_scale ** 2
         return sq_bb.to(sq_head.device) + sq_head.float()
 
     def _scale_gradients(self, coef: float) -> None:
@@ -260,6 +371,33 @@ class Trainer:
             if p.grad is not None:
                 p.grad.mul_(coef)
         self.head.scale_grad_(coef)
+
+
+def _mean_output(outs: list[HeadOutput]) -> HeadOutput:
+    """The step's loss terms over its micro-batches, without graphs: their means (equal
+    micro-batches give the large batch's mean). A non-finite term stays non-finite; only
+    the per-kind chief terms, nan by design for a micro-batch without that kind, skip nans.
+    """
+    def mean(name: str) -> torch.Tensor:
+        v = torch.stack([torch.as_tensor(getattr(o, name)).detach().float() for o in outs])
+        return v.nanmean() if name in ("chief_identity", "chief_lsr") else v.mean()
+
+    last = outs[-1]
+    return HeadOutput(
+        loss=mean("loss"), chief=mean("chief"), chief_identity=mean("chief_identity"),
+        chief_lsr=mean("chief_lsr"), dsa=mean("dsa"), dsa_pull=mean("dsa_pull"),
+        dsa_push=mean("dsa_push"), active_fraction=mean("active_fraction"),
+        num_negatives=last.num_negatives, lam=last.lam)
+
+
+def init_backbone(cfg: Config, backbone: nn.Module) -> str | None:
+    """``train.init_from``'s weights into a freshly built backbone (checked key by key);
+    returns the line to log, None without init_from."""
+    if not cfg.train.init_from:
+        return None
+    from seqface_dist.train.init_from import load_init_from
+
+    return load_init_from(backbone, cfg.train.init_from, cfg.model)
 
 
 def local_trainer(cfg: Config, num_identities: int, num_sequences: int,
@@ -273,7 +411,9 @@ def local_trainer(cfg: Config, num_identities: int, num_sequences: int,
     from seqface_dist.models import build_backbone
 
     torch.manual_seed(cfg.train.seed)  # the worker's backbone init, too
-    backbone = build_backbone(cfg.model).to(device)
+    backbone = build_backbone(cfg.model)
+    init_backbone(cfg, backbone)
+    backbone = backbone.to(device)
     opt = backbone_optimizer(backbone, cfg.optim)
     comm = Comm()
     head, head_opt, _ = build_head(cfg, num_identities, num_sequences, comm, device,

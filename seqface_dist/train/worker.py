@@ -32,6 +32,7 @@ from seqface_dist.train.step import (
     Trainer,
     backbone_optimizer,
     build_head,
+    init_backbone,
     resolve_sequence_weight,
 )
 
@@ -52,19 +53,33 @@ def _deepspeed(cfg: Config):
     return deepspeed
 
 
-def ds_config(cfg: Config, micro_batch: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "gradient_clipping": 0.0,  # clipping covers backbone *and* head: done here
-        # ZeRO 1/2 accept only DeepSpeed's own optimizers unless told: ours is torch's SGD
-        # with momentum (the reference solver), which ZeRO partitions like any other.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
+def ds_config(cfg: Config, micro_batch: int, world: int | None = None) -> dict:
+    """The engine's config: ``train.deepspeed_config`` (if any) under seqface's keys."""
+    return ds_config_and_overrides(cfg, micro_batch, world)[0]
+
+
+def ds_config_and_overrides(cfg: Config, micro_batch: int, world: int | None = None
+                            ) -> tuple[dict, list[str]]:
+    """(the engine's config, the user's keys seqface overrode, as 'key (user a -> b)').
+
+    ``micro_batch``: one micro-batch per rank (the step's batch / accumulation steps);
+    ``world``: ranks (None: DeepSpeed derives train_batch_size itself). The user's JSON
+    was checked by the config's validation (refused keys); what seqface owns and what it
+    refuses: seqface_dist/deepspeed_json.py.
+    """
+    from seqface_dist import deepspeed_json as dsc
+
+    t = cfg.train
+    user = dsc.read_json(t.deepspeed_config) if t.deepspeed_config else None
+    ours = dsc.owned(micro_batch=micro_batch, accumulation=t.gradient_accumulation_steps,
+                     world=world or 1, zero_stage=t.zero_stage, precision=t.precision)
+    if world is None:
+        del ours["train_batch_size"]
+    merged, overridden = dsc.merge(user, ours)
+    if world is None and user and "train_batch_size" in user:
+        merged.pop("train_batch_size")  # derived by DeepSpeed from the three above
+        overridden.append(f"train_batch_size (user {user['train_batch_size']!r} -> derived)")
+    return merged, overridden
 
 
 class _Batches:
@@ -103,17 +118,42 @@ def deepspeed_trainer(cfg: Config, micro_batch: int, num_identities: int,
                       num_sequences: int, *, world: int, device: torch.device,
                       sequence_weight: float) -> tuple[Trainer, dict]:
     """The backbone under DeepSpeed (checkpoints read weights-only) and the head beside it,
-    on the process group that exists; returns the Trainer and the head's spec."""
+    on the process group that exists; returns the Trainer and the head's spec.
+
+    ``micro_batch``: this rank's batch of one step; with train.gradient_accumulation_steps
+    k it is split into k micro-batches of micro_batch / k (the engine's micro-batch).
+    ``train.init_from``: the backbone starts from those weights (before DeepSpeed wraps
+    it; step 0, fresh optimizers and head)."""
+    import torch.distributed as dist
+
     from seqface_dist.models import build_backbone
     from seqface_dist.parallel import Comm
     from seqface_dist.train import safe_load
 
     deepspeed = _deepspeed(cfg)
+    k = cfg.train.gradient_accumulation_steps
+    if micro_batch % k:
+        raise ValueError(f"a batch of {micro_batch} per rank does not split into "
+                         f"train.gradient_accumulation_steps={k} equal micro-batches")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     torch.manual_seed(cfg.train.seed)  # same backbone init everywhere (DeepSpeed broadcasts)
     backbone = build_backbone(cfg.model)
+    said = init_backbone(cfg, backbone)
+    if said and rank0:
+        _say(said)
     bb_opt = backbone_optimizer(backbone, cfg.optim)
+    config, overridden = ds_config_and_overrides(cfg, micro_batch // k, world)
+    if overridden and rank0:
+        _say("deepspeed_config: overridden by seqface: " + ", ".join(overridden))
     engine, bb_opt, _, _ = deepspeed.initialize(
-        model=backbone, optimizer=bb_opt, config=ds_config(cfg, micro_batch))
+        model=backbone, optimizer=bb_opt, config=config)
+    if cfg.train.precision != "fp32":
+        # DeepSpeed casts the parameters only; BatchNorm's running statistics stay fp32,
+        # which batch_norm refuses beside bf16/fp16 weights: they follow the weights.
+        low = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+        for b in engine.module.buffers():
+            if b.is_floating_point():
+                b.data = b.data.to(low)
     safe_load.install(engine)  # its checkpoint files are read without unpickling code
     comm = Comm()
     # DeepSpeed averages backbone gradients over R ranks; the head's loss is already the
@@ -210,14 +250,21 @@ def _resume(w: _Worker) -> None:
 
 
 def _start_metrics(w: _Worker):
-    """This worker's Prometheus endpoint, registered for discovery when configured."""
+    """This worker's Prometheus endpoint, registered for discovery when configured.
+
+    metrics.port 0: any free port; P > 0: P + this worker's local rank (fixed per node,
+    so a PodMonitor can scrape it; the discovery file lists it all the same)."""
     import ray
+    import ray.train
 
     from seqface_dist.metrics import register_endpoint, start_worker_metrics
+    from seqface_dist.metrics.worker import endpoint_port
 
     node_ip = ray.util.get_node_ip_address()
-    metrics, target = start_worker_metrics(w.cfg.metrics, w.cfg.train.run_name, w.rank,
-                                           w.world, node_ip)
+    local_rank = ray.train.get_context().get_local_rank()
+    mcfg = replace(w.cfg.metrics, port=endpoint_port(w.cfg.metrics.port, local_rank))
+    metrics, target = start_worker_metrics(mcfg, w.cfg.train.run_name, w.rank, w.world,
+                                           node_ip)
     if target and w.cfg.metrics.service_discovery_dir:
         register_endpoint(w.cfg.train.run_name, w.rank, node_ip, target)
     h = w.trainer.head
@@ -247,11 +294,12 @@ def train_func(config: dict) -> None:
     _resume(w)
     where = _where(w)
     metrics = _start_metrics(w)
-    vset = None
-    if w.rank == 0 and cfg.eval.pairs:
-        from seqface_dist.eval.evaluate import load_verification_set
+    vsets = []  # rank 0's evaluation sets (eval.sets, or the eval.pairs shorthand)
+    if w.rank == 0 and cfg.eval.resolved_sets():
+        from seqface_dist.eval.sets import load_eval_set
 
-        vset = load_verification_set(cfg.eval.pairs, root=cfg.eval.root or None)
+        vsets = [load_eval_set(s, cfg.data.s3_endpoint_url) for s in cfg.eval.resolved_sets()]
+    tracker = _start_tracking(w) if w.rank == 0 else None
 
     o, state, trainer = cfg.optim, w.state, w.trainer
     batches = _Batches(w.loader, state.epoch)
@@ -297,11 +345,13 @@ def train_func(config: dict) -> None:
                           "skipped_steps": res.skipped_steps,
                           "samples_per_second": rate, "samples_seen": state.samples_seen,
                           **where}
-                if vset is not None and (last or (cfg.eval.every_steps and
-                                             state.step % cfg.eval.every_steps == 0)):
-                    report.update(_evaluate(trainer.module, vset, cfg, state.step, metrics))
+                if vsets and (last or (cfg.eval.every_steps and
+                                       state.step % cfg.eval.every_steps == 0)):
+                    for vset in vsets:
+                        report.update(_evaluate(trainer.module, vset, cfg, state.step,
+                                                metrics))
                 if w.rank == 0:
-                    _log(w.history, report)
+                    _log(w.history, report, tracker)
             # Ray hears of the run only at checkpoints: each ray.train.report waits for the
             # controller's next poll (~2 s), too slow for every logged step.
             if state.step % cfg.train.checkpoint_every == 0 or last:
@@ -310,15 +360,22 @@ def train_func(config: dict) -> None:
                             w.rank, dist, w.attempt, cfg if last else None)
                 if w.history is not None:
                     w.history.sync()
+                if tracker is not None:
+                    tracker.flush()
     finally:
         metrics.stop()
         if w.history is not None:
             w.history.sync()
+        if tracker is not None:
+            tracker.close()
 
 
-def _log(history: History, report: dict) -> None:
-    """Rank 0: one history line and one progress line per logged step."""
+def _log(history: History, report: dict, tracker=None) -> None:
+    """Rank 0: one history line, the same scalars to the trackers (queued, written off
+    the step's path) and one progress line per logged step."""
     history.append(report)
+    if tracker is not None:
+        tracker.log(report)
     _say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                   for k, v in report.items() if k not in ("node_ids", "pids")))
 
@@ -341,14 +398,30 @@ def _say(message: str) -> None:
 
 
 def _evaluate(model, vset, cfg: Config, step: int, metrics) -> dict:
-    """Rank 0's verification on the configured pairs set; returns report entries."""
+    """Rank 0's verification on one evaluation set (named by its ``eval.sets`` entry);
+    returns its report entries ``eval/<name>/accuracy``, ``eval/<name>/tar@far=...``, ...
+    The Prometheus eval metrics carry the set's name as their ``dataset`` label."""
     from seqface_dist.eval.evaluate import evaluate_model
 
     res = evaluate_model(model, vset, flip=cfg.eval.flip_test, progress=False)
     metrics.set_eval(vset.name, step, accuracy=res.accuracy,
                      tar_at_far={t.far_target: t.tar for t in res.tar_at_far})
     _say(f"eval {vset.name} at step {step}: " + res.summary().replace("\n", "; "))
-    return {f"eval_{k}": float(v) for k, v in res.metrics().items()}
+    return {f"eval/{vset.name}/{k}": float(v) for k, v in res.metrics().items()}
+
+
+def _start_tracking(w: _Worker):
+    """Rank 0's TensorBoard / MLflow writer in the run's storage (``tracking``), or None."""
+    t = w.cfg.tracking
+    if not (t.tensorboard or t.mlflow_uri):
+        return None
+    import ray.train
+
+    from seqface_dist.train.tracking import Tracker
+
+    storage = ray.train.get_context().get_storage()
+    return Tracker(w.cfg, storage.storage_filesystem, storage.experiment_fs_path, w.attempt,
+                   resumed_step=w.state.step)
 
 
 def _checkpoint(report: dict, trainer: Trainer, state: RunState, rank: int, dist,
