@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from bench_util import measured
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole benchmarks in subprocesses: the slow tier
 
 
 def run(script: str, *args: str) -> dict:

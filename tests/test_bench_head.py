@@ -15,9 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from bench_util import measured
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole benchmarks in subprocesses: the slow tier
 
 
 def test_bench_head_quick_runs_end_to_end():

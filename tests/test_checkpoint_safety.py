@@ -102,6 +102,7 @@ def _load_continue(rank: int, world: int, stage: int, out: str):
     return _flat(trainer)
 
 
+@pytest.mark.slow  # 2 DeepSpeed ranks per ZeRO stage, twice: ~4 s each
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_checkpoints_load_weights_only_and_continue_exactly(stage, tmp_path):
     # Real ZeRO 0/1/2 files through the weights-only loader: the run continues as if
@@ -214,6 +215,7 @@ def _load_zero(rank: int, world: int, stage: int, out: str):
     return dict(loaded, loss=loss)
 
 
+@pytest.mark.slow  # DeepSpeed groups saved and resumed on another size
 @pytest.mark.parametrize("stage,saved_on,resumed_on", [(1, 2, 1), (1, 1, 2), (2, 2, 1),
                                                        (2, 1, 2)])
 def test_zero_resume_on_another_world_size_keeps_the_momentum(stage, saved_on, resumed_on,

@@ -59,6 +59,7 @@ def by_rank(result: list[dict]) -> dict[str, float]:
     return {r["metric"]["rank"]: float(r["value"][1]) for r in result}
 
 
+@pytest.mark.slow  # a real Prometheus server scraping two worker processes
 def test_prometheus_scrapes_both_workers_and_sees_values_move(tmp_path):
     deadline = time.monotonic() + DEADLINE_S
     sd_dir = tmp_path / "sd"
