@@ -252,26 +252,12 @@ def write_json(res: IJBResult, path: str | Path) -> Path:
 
 def plot_ijb_roc(res: IJBResult, path: str | Path) -> Path:
     """The ROC (TAR against FAR, log FAR axis from 1e-6) as PNG, FAR targets marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from seqface_dist.eval.verification import roc_figure, save_roc
 
-    fig = Figure(figsize=(5, 4), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = roc_figure()
     keep = res.fpr > 0
     ax.plot(res.fpr[keep], res.tpr[keep], label=f"{res.name} (AUC {res.auc:.4f})")
     for t in res.tar_at_far:
         ax.axvline(t.far_target, color="0.8", lw=0.6)
-    ax.set_xscale("log")
-    ax.set_xlim(min([1e-6, *res.fpr[keep][:1]]), 1.0)
-    ax.set_ylim(0.0, 1.01)
-    ax.set_xlabel("FAR (false accept rate)")
-    ax.set_ylabel("TAR (true accept rate)")
-    ax.set_title(f"ROC: {res.name} template verification")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return save_roc(fig, ax, min([1e-6, *res.fpr[keep][:1]]),
+                    f"ROC: {res.name} template verification", path)

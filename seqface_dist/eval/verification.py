@@ -244,15 +244,9 @@ def evaluate_scores(scores: np.ndarray, issame: np.ndarray, n_folds: int = 10,
 def plot_roc(results: VerificationResult | Mapping[str, VerificationResult],
              path: str | Path, title: str = "ROC") -> Path:
     """Write a ROC plot (TAR against FAR, log FAR axis) as PNG; one curve per result."""
-    # Figure + Agg canvas directly: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if isinstance(results, VerificationResult):
         results = {"model": results}
-    fig = Figure(figsize=(5, 4), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = roc_figure()
     floor = 1.0
     for label, r in results.items():
         # The log axis cannot show FAR = 0; start each curve at its first non-zero FAR.
@@ -260,6 +254,21 @@ def plot_roc(results: VerificationResult | Mapping[str, VerificationResult],
         floor = min(floor, float(r.fpr[keep].min()))
         ax.plot(r.fpr[keep], r.tpr[keep], label=f"{label} (AUC {r.auc:.4f}, "
                 f"acc {r.accuracy:.4f})")
+    return save_roc(fig, ax, floor, title, path)
+
+
+def roc_figure():
+    """(figure, axes) for a ROC plot: a Figure on an Agg canvas, no pyplot global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def save_roc(fig, ax, floor: float, title: str, path: str | Path) -> Path:
+    """Finish a ROC plot (log FAR axis from ``floor``, labels, legend) and write the PNG."""
     ax.set_xscale("log")
     ax.set_xlim(floor, 1.0)
     ax.set_ylim(0.0, 1.01)

@@ -294,15 +294,20 @@ class Trainer:
         Counted in skipped_steps, not toward max_nonfinite_steps (the scaler's business)."""
         if not engine_stepped:
             self.engine.step()  # DeepSpeed: detects the overflow, skips, lowers the scale
+        self._drop_head_step()
+        self.skipped_steps += 1
+        self.loss_scale_skips += 1
+        return StepResult(out, lr, float("nan"), seconds, skipped=True,
+                          skipped_steps=self.skipped_steps, nonfinite=("loss_scale_overflow",))
+
+    def _drop_head_step(self) -> None:
+        """Forget the step's head gradients and center updates; put back BatchNorm's
+        statistics as they were before the forward."""
         self.head_opt.zero_grad(set_to_none=True)
         self.head.discard_accumulation()
         with torch.no_grad():
             for saved, b in zip(self._saved_buffers, self._buffers, strict=True):
                 b.copy_(saved)
-        self.skipped_steps += 1
-        self.loss_scale_skips += 1
-        return StepResult(out, lr, float("nan"), seconds, skipped=True,
-                          skipped_steps=self.skipped_steps, nonfinite=("loss_scale_overflow",))
 
     def _skip(self, step: int, out: HeadOutput, lr: float, loss_ok: bool,
               seconds: dict[str, float]) -> StepResult:
@@ -311,11 +316,7 @@ class Trainer:
         opt = getattr(self.engine, "optimizer", None)
         if opt is not None:  # DeepSpeed's wrapper may hold its own copies (bf16)
             opt.zero_grad(set_to_none=True)
-        self.head_opt.zero_grad(set_to_none=True)
-        self.head.discard_accumulation()
-        with torch.no_grad():
-            for saved, b in zip(self._saved_buffers, self._buffers, strict=True):
-                b.copy_(saved)
+        self._drop_head_step()
         self.skipped_steps += 1
         self.consecutive_skipped += 1
         if loss_ok:
