@@ -8,7 +8,7 @@ so this file only lists them; heavy imports happen inside the handlers.
     seqface train --config configs/local-cpu.yaml [section.key=value ...]
     seqface shards build|verify|info ...
     seqface eval ...
-    seqface config [--config F] [section.key=value ...] [--reference]
+    seqface config [--show] [--config F] [section.key=value ...] | --reference
 """
 
 from __future__ import annotations

@@ -110,6 +110,9 @@ def register(sub) -> None:
                        "the reference of every key (--reference)")
     p.add_argument("--config", default=None,
                    help="YAML config (default: the built-in defaults)")
+    p.add_argument("--show", action="store_true",
+                   help="print the resolved tree with each key's doc (what it does "
+                   "without --reference)")
     p.add_argument("--reference", action="store_true",
                    help="Markdown reference of every key with its default "
                    "(docs/config-reference.md)")

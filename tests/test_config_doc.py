@@ -32,7 +32,8 @@ def test_the_committed_reference_is_current():
 
 
 def test_the_printed_tree_is_the_resolved_config():
-    proc = subprocess.run([sys.executable, "-m", "seqface_dist.cli", "config", "--config",
+    proc = subprocess.run([sys.executable, "-m", "seqface_dist.cli", "config", "--show",
+                           "--config",
                            "configs/local-cpu.yaml", "optim.lr=0.05", "data.flip=false"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
