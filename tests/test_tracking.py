@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 
 import pyarrow.fs as pafs
@@ -48,18 +49,21 @@ def test_event_files_hold_every_scalar_at_its_step(tmp_path):
 
 
 def test_logging_never_waits_for_the_writer(tmp_path, monkeypatch):
-    slow = tracking._TensorBoard.write
+    # The writer is held until every step was logged: log() returning at all shows it
+    # only queues (a blocking log would deadlock here; the timeout reports that).
+    release = threading.Event()
+    real = tracking._TensorBoard.write
 
-    def write(self, *a):
-        time.sleep(0.3)
-        slow(self, *a)
+    def held(self, *a):
+        assert release.wait(60), "log() waited for the writer"
+        real(self, *a)
 
-    monkeypatch.setattr(tracking._TensorBoard, "write", write)
+    monkeypatch.setattr(tracking._TensorBoard, "write", held)
     t = Tracker(_cfg(), pafs.LocalFileSystem(), str(tmp_path / "r1"), "aaaa0000")
-    t0 = time.perf_counter()
     for s in range(1, 6):
         t.log(_step(s, 1.0 / s))
-    assert time.perf_counter() - t0 < 0.1  # five writes of 0.3 s each are queued
+    assert read_scalars(tmp_path / "r1" / "tensorboard").get("train/total", []) == []
+    release.set()
     t.flush()  # waits for all of them
     assert [s for s, _ in read_scalars(tmp_path / "r1" / "tensorboard")["train/total"]] == \
         [1, 2, 3, 4, 5]
