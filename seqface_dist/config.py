@@ -521,6 +521,12 @@ class Config:
         _check(per_worker % k == 0, "train.gradient_accumulation_steps",
                f"must divide the batch per worker (data.identities_per_batch + "
                f"data.sequences_per_batch = {per_worker}) into equal micro-batches (got {k})")
+        # A fixed base port: local rank k serves on port + k, and a node holds at most
+        # every worker (refused here, not when the last worker fails to bind).
+        last = self.metrics.port + self.train.num_workers - 1
+        _check(self.metrics.port == 0 or not self.metrics.enabled or last <= 65535,
+               "metrics.port", f"{self.metrics.port} + up to {self.train.num_workers} workers "
+               f"per node passes 65535 (the last would be {last})")
         return self
 
     def to_dict(self) -> dict[str, Any]:

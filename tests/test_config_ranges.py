@@ -66,7 +66,8 @@ EDGES: dict[str, list] = {
     "loss.dsa_weight": [0.0], "optim.lr": [1e-8, 10.0], "optim.momentum": [0.0],
     "optim.weight_decay": [0.0, 0.5], "optim.milestones": [[0, 0, 3], []],
     "optim.gamma": [1.0], "optim.max_steps": [1], "train.seed": [0, 2**32 - 1],
-    "train.max_failures": [0], "train.max_nonfinite_steps": [0], "metrics.port": [0, 65535],
+    "train.max_failures": [0], "train.max_nonfinite_steps": [0],
+    "metrics.port": [0, 65534],  # a base port: 65534 + 1 for the default 2 workers
     "train.gradient_accumulation_steps": [1, 64],
     "eval.every_steps": [0],
 }
