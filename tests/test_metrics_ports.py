@@ -184,3 +184,11 @@ def test_a_real_two_worker_run_on_one_node_serves_on_base_and_base_plus_one(shar
     assert sorted(seen.values()) == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"], seen
     # Each port served its own rank's metrics (which rank got local rank 0 is Ray's choice).
     assert served == {t: {k} for k, t in seen.items()}, served
+
+
+def test_a_base_port_whose_last_worker_would_pass_65535_is_refused_up_front():
+    cfg = load_config(ROOT / "configs" / "cluster-8gpu.yaml")
+    n = cfg.train.num_workers
+    load_config(ROOT / "configs" / "cluster-8gpu.yaml", [f"metrics.port={65536 - n}"])
+    with pytest.raises(ConfigError, match=f"metrics.port: {65537 - n} \\+ up to {n} workers"):
+        load_config(ROOT / "configs" / "cluster-8gpu.yaml", [f"metrics.port={65537 - n}"])
