@@ -192,7 +192,7 @@ def fp16_loss_scale_check(device: torch.device, steps: int = 12) -> None:
             dist.init_process_group("nccl", init_method=f"file://{tmp}/store", rank=0,
                                     world_size=1)
         cfg = smoke_config(None, ["train.precision=fp16", "train.use_gpu=true",
-                                  f"train.deepspeed_config={ds}", "optim.grad_clip=5",
+                                  "train.zero_stage=1", f"train.deepspeed_config={ds}",
                                   "data.identities_per_batch=16",
                                   "data.sequences_per_batch=16"])
         trainer, _ = deepspeed_trainer(cfg, 32, 64, 64, world=1, device=device,

@@ -262,7 +262,8 @@ class TrainConfig:
     cpus_per_worker: int = 1  # >= 1
     zero_stage: int = 0  # 0, 1 or 2
     # The backbone's precision inside DeepSpeed: fp32 | bf16 | fp16. fp16 is DeepSpeed's
-    # fp16 block with a dynamic loss scale (GPUs only: DeepSpeed refuses fp16 on CPUs);
+    # fp16 block with a dynamic loss scale (GPUs only: DeepSpeed refuses fp16 on CPUs;
+    # zero_stage 1 or 2: DeepSpeed 0.19 mis-scales ZeRO 0's fp16 gradients, PR #8393);
     # the head outside the engine unscales its own gradient by the engine's scale and
     # skips its step whenever the engine skips one on overflow (train/step.py).
     precision: str = "fp32"
@@ -312,6 +313,13 @@ class TrainConfig:
                f"must be 'fp32', 'bf16' or 'fp16' (got {self.precision!r})")
         _check(self.precision != "fp16" or self.use_gpu, f"{p}.precision",
                "fp16 needs train.use_gpu: true (DeepSpeed refuses fp16 on CPUs; use bf16)")
+        # DeepSpeed 0.19's engine.backward scales the loss only for its ZeRO optimizers,
+        # while the fp16 optimizer of ZeRO 0 still divides the gradients by the scale: the
+        # backbone would move ~scale times too little (deepspeedai/DeepSpeed PR #8393).
+        _check(self.precision != "fp16" or self.zero_stage in (1, 2), f"{p}.precision",
+               "fp16 needs train.zero_stage 1 or 2 (at ZeRO 0 DeepSpeed leaves the loss "
+               "unscaled but unscales the gradients: deepspeedai/DeepSpeed PR #8393); or "
+               "use bf16")
         _range(self, p, "gradient_accumulation_steps", 1)
         _check(self.head_precision in ("fp32", "bf16"), f"{p}.head_precision",
                "must be 'fp32' or 'bf16'")

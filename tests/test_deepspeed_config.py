@@ -72,12 +72,13 @@ def test_user_keys_are_kept_and_seqfaces_win_each_listed(tmp_path):
 def test_fp16_takes_the_users_loss_scaler_settings(tmp_path):
     path = _write(tmp_path, {"fp16": {"initial_scale_power": 12, "loss_scale_window": 200,
                                       "hysteresis": 2, "min_loss_scale": 1}})
-    cfg = _cfg(path, "train.precision=fp16", "train.use_gpu=true")
+    cfg = _cfg(path, "train.precision=fp16", "train.use_gpu=true", "train.zero_stage=1")
     got = ds_config(cfg, 8)
     assert got["fp16"] == {"enabled": True, "initial_scale_power": 12,
                            "loss_scale_window": 200, "hysteresis": 2, "min_loss_scale": 1}
     assert got["bf16"] == {"enabled": False}
-    plain = ds_config(smoke_config(None, ["train.precision=fp16", "train.use_gpu=true"]), 8)
+    plain = ds_config(smoke_config(None, ["train.precision=fp16", "train.use_gpu=true",
+                                          "train.zero_stage=1"]), 8)
     assert plain["fp16"] == {"enabled": True}  # loss_scale 0 (default): dynamic
 
 
@@ -177,8 +178,12 @@ def test_a_real_engine_runs_from_the_merged_config_and_logs_the_overrides(tmp_pa
 
 
 def test_precision_fp16_is_accepted_on_gpus_and_refused_on_cpus():
-    assert smoke_config(None, ["train.precision=fp16", "train.use_gpu=true"])
+    assert smoke_config(None, ["train.precision=fp16", "train.use_gpu=true",
+                               "train.zero_stage=2"])
     with pytest.raises(ConfigError, match="train.precision: fp16 needs train.use_gpu"):
-        smoke_config(None, ["train.precision=fp16"])
+        smoke_config(None, ["train.precision=fp16", "train.zero_stage=1"])
+    # ZeRO 0: DeepSpeed 0.19 unscales gradients it never scaled (PR #8393).
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs train.zero_stage 1 or 2"):
+        smoke_config(None, ["train.precision=fp16", "train.use_gpu=true"])
     with pytest.raises(ConfigError, match="train.precision"):
         smoke_config(None, ["train.precision=fp8"])
