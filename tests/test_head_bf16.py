@@ -149,3 +149,35 @@ def test_stochastic_round_is_unbiased():
     stochastic_round_(out, x, torch.Generator().manual_seed(0))
     assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert abs(float(out.float().mean()) - float(x[0])) < 6e-5  # 5 standard errors
+
+
+def test_a_resumed_run_rounds_exactly_as_the_uninterrupted_one():
+    # The rounding stream is keyed to the training step: after a "checkpoint" at step 2,
+    # a fresh optimizer (as a resumed run builds) continues bit for bit.
+    gen = torch.Generator().manual_seed(1)
+    w0 = torch.randn(512, 16, generator=gen).to(torch.bfloat16)
+    grads = [(torch.randn(512, 16, generator=gen) * 1e-3).to(torch.bfloat16)
+             for _ in range(5)]
+
+    def optimizer(p):
+        return InPlaceSGD([{"params": [p], "stochastic_rounding": True, "momentum": 0.9}],
+                          lr=0.1, weight_decay=5e-4, seed=7)
+
+    def train(p, opt, steps):
+        for s in steps:
+            p.grad = grads[s].clone()
+            opt.seed_rounding(s)
+            opt.step()
+
+    whole = torch.nn.Parameter(w0.clone())
+    opt = optimizer(whole)
+    train(whole, opt, range(5))
+
+    first = torch.nn.Parameter(w0.clone())
+    opt1 = optimizer(first)
+    train(first, opt1, range(2))
+    resumed = torch.nn.Parameter(first.detach().clone())
+    opt2 = optimizer(resumed)
+    opt2.state[resumed]["momentum_buffer"] = opt1.state[first]["momentum_buffer"].clone()
+    train(resumed, opt2, range(2, 5))
+    assert torch.equal(resumed, whole)

@@ -48,13 +48,22 @@ class InPlaceSGD(torch.optim.Optimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self._seed = seed
+        self._round_step = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def seed_rounding(self, step: int) -> None:
+        """Key the stochastic rounding of the next update to the training step: a run
+        resumed at step s rounds exactly as the uninterrupted run did (the stream is a
+        function of (seed, step), so nothing of it needs checkpointing)."""
+        self._round_step = step
+        self._generators.clear()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         g = self._generators.get(device)
         if g is None:
             g = self._generators[device] = torch.Generator(device=device)
-            g.manual_seed(self._seed * 2_654_435_761 % (1 << 62) + 17)
+            g.manual_seed((self._seed * 2_654_435_761 + self._round_step * 40_503)
+                          % (1 << 62) + 17)
         return g
 
     @torch.no_grad()

@@ -265,6 +265,7 @@ class Trainer:
         if self.fp16 and not self.engine.was_step_applied():  # the engine found an overflow
             return self._loss_scale_skip(out, o.lr * factor, seconds, engine_stepped=True)
         self.consecutive_skipped = 0
+        self.head_opt.seed_rounding(step)  # bf16 W: a resumed run rounds as this one did
         self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
         seconds["optimizer"] = time.perf_counter() - t3
