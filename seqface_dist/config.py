@@ -381,9 +381,10 @@ def _check_init_from(uri: str, key: str) -> None:
     p = Path(uri)
     _check(p.exists(), key, f"{uri}: does not exist")
     if p.is_dir():
-        _check((p / "state.json").is_file() or (p / "model.json").is_file(), key,
-               f"{uri}: neither a run checkpoint (no state.json) nor an export (no "
-               "model.json)")
+        _check((p / "state.json").is_file() or (p / "model.json").is_file()
+               or any(p.glob("checkpoint-*/state.json")), key,
+               f"{uri}: neither a run (no checkpoint-*/state.json), a run checkpoint (no "
+               "state.json) nor an export (no model.json)")
         return
     try:
         with open(p, "rb") as f:

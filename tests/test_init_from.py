@@ -185,6 +185,14 @@ def test_a_run_checkpoint_starts_a_new_run_and_validation_guards_the_path(tmp_pa
     assert "run checkpoint" in load_init_from(net, cfg.train.init_from, cfg.model)
     for k, v in net.state_dict().items():
         assert torch.equal(v, r["ok"][k]), k
+    # A run folder: its newest committed checkpoint.
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run / "checkpoint-000000001-0123abcd")
+    cfg = _tiny_cfg(f"train.init_from={run}")
+    net = build_backbone(cfg.model)
+    assert "(run," in load_init_from(net, cfg.train.init_from, cfg.model)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, r["ok"][k]), k
     # A checkpoint changed after its commit is refused (its hashes are checked).
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
@@ -198,7 +206,7 @@ def test_init_from_is_validated_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="train.init_from: .*does not exist"):
         _tiny_cfg(f"train.init_from={tmp_path / 'nowhere'}")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="train.init_from: .*neither a run checkpoint"):
+    with pytest.raises(ConfigError, match="train.init_from: .*neither a run \\(no checkpoint"):
         _tiny_cfg(f"train.init_from={tmp_path / 'empty'}")
     (tmp_path / "w.txt").write_text("x")
     with pytest.raises(ConfigError, match="train.init_from: .*must be an arcface_torch"):

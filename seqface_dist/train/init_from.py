@@ -3,7 +3,8 @@ weights. Nothing read here is unpickled.
 
 What it reads, by what ``init_from`` names:
 
-* a run checkpoint (a folder with ``state.json``): the engine's weights, read
+* a run folder (its newest committed checkpoint), or a run checkpoint (a folder with
+  ``state.json``): the engine's weights, read
   weights-only (``train/export.py: backbone_from``), after the commit's sizes and hashes
   are checked;
 * an export (a folder with ``model.json`` + ``backbone.safetensors``, or that
@@ -162,16 +163,18 @@ def init_state_dict(uri: str, model_cfg: ModelConfig, backbone: nn.Module
         raise InitFromError(f"{uri}: does not exist")
     is_export = (src.is_dir() and (src / "model.json").is_file()) or (
         src.is_file() and src.suffix == ".safetensors" and (src.parent / "model.json").is_file())
-    if (src / "state.json").is_file() or is_export:
+    is_run = src.is_dir() and any(src.glob("checkpoint-*/state.json"))
+    if (src / "state.json").is_file() or is_export or is_run:
         from seqface_dist.train.export import backbone_from
 
-        net, src_cfg = backbone_from(src)
+        net, src_cfg = backbone_from(src)  # a run folder: its newest committed checkpoint
         _same_model(src_cfg, model_cfg, uri)
-        kind = "run checkpoint" if (src / "state.json").is_file() else "export"
+        kind = ("export" if is_export else
+                "run checkpoint" if (src / "state.json").is_file() else "run")
         return net.state_dict(), kind
     if src.is_dir():
-        raise InitFromError(f"{uri}: neither a run checkpoint (no state.json) nor an export "
-                            "(no model.json)")
+        raise InitFromError(f"{uri}: neither a run (no checkpoint-*/state.json), a run "
+                            "checkpoint (no state.json) nor an export (no model.json)")
     return _from_file(src, want)
 
 
