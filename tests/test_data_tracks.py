@@ -168,3 +168,38 @@ def test_a_box_at_the_frame_edge_is_padded_not_refused():
     arr = np.asarray(face)
     assert face.size == (32, 32)
     assert arr[0, 0].max() < 10 and arr[-1, -1].min() > 150  # black past the edge, face inside
+
+
+def test_align_cli_aligns_photos_keeping_the_identity_tree(tmp_path):
+    photos = tmp_path / "photos"
+    rows = []
+    for person, (scale, angle) in {"ann": (1.5, 0.2), "bob": (2.0, -0.35)}.items():
+        (photos / person).mkdir(parents=True)
+        lms = apply(similarity(scale, angle, (60.0, 20.0)), ARCFACE_112 - [8.0, 0.0])
+        dots_image(lms).save(photos / person / "1.png")
+        rows.append({"image": f"{person}/1.png", **{f"l{a}{k}": lms[k][i]
+                                                     for k in range(5)
+                                                     for i, a in enumerate("xy")}})
+    rows.append({**rows[0]})  # a second face in ann/1.png
+    rows.append({**rows[0], "image": "../outside.png"})  # never read
+    faces = tmp_path / "faces.csv"
+    with open(faces, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    out = tmp_path / "aligned"
+    r = seqface("align", str(photos), str(faces), str(out), "--size", "112x96",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "4 faces listed -> 3 crops written (1 problems)" in r.stdout, r.stdout
+    assert "no image '../outside.png'" in r.stdout
+    got = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg"))
+    assert got == ["ann/1.jpg", "ann/1_1.jpg", "bob/1.jpg"]
+    for crop_path in got:
+        arr = np.asarray(Image.open(out / crop_path).convert("L"), dtype=np.float64)
+        assert arr.shape == (112, 96)
+        np.testing.assert_allclose(centroids(arr, template((112, 96))), template((112, 96)),
+                                   atol=1.5)
+    r = seqface("build", "identity-tree", str(out), str(tmp_path / "ids"), "--no-progress")
+    assert r.returncode == 0 and "2 classes, 3 samples" in r.stdout, r.stdout + r.stderr

@@ -4,6 +4,7 @@
     seqface shards build sequence-tree ROOT OUT
     seqface shards build recordio TRAIN.rec OUT [--idx I.idx] [--lst I.lst] [--kind identity]
     seqface shards tracks FRAMES DETECTIONS.csv OUT [--size 112x112] [--iou 0.5] [--min-len 5]
+    seqface shards align ROOT FACES.csv OUT [--size 112x112]
     seqface shards verify URL       # counts, sizes and sha256 against the manifest; exit 1 if not
     seqface shards info URL         # summary of a shard set
 
@@ -64,6 +65,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(handler=_tracks)
 
+    a = ssub.add_parser("align", help="aligned face crops from photos and a detector's "
+                        "landmarks (or boxes), keeping the folder layout",
+                        description="Writes OUT/<image path>.jpg per CSV row "
+                        "image,[x1,y1,x2,y2,][score,][lx0,ly0,...,lx4,ly4]: with the five "
+                        "landmarks the face is aligned onto arcface's template (SphereFace's "
+                        "for --size 112x96), with a box alone cropped with --margin. An "
+                        "identity tree in gives an identity tree out, for `shards build "
+                        "identity-tree`.")
+    a.add_argument("root", help="folder the CSV's image paths are relative to")
+    a.add_argument("faces", help="CSV of faces (see the description)")
+    a.add_argument("out", help="output folder")
+    a.add_argument("--size", default="112x112", help="HEIGHTxWIDTH (default 112x112)")
+    a.add_argument("--min-score", type=float, default=0.0, help="ignore weaker detections")
+    a.add_argument("--margin", type=float, default=0.2,
+                   help="box share added on each side when cropping without landmarks")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(handler=_align)
+
     v = ssub.add_parser("verify", help="check a shard set against its manifest")
     v.add_argument("url")
     v.add_argument("--endpoint-url", default="")
@@ -120,12 +139,32 @@ def _tracks(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"seqface shards tracks: {e}", file=sys.stderr)
         return 1
-    for problem in report.problems[:20]:
-        print(f"skipped: {problem}")
-    if len(report.problems) > 20:
-        print(f"... and {len(report.problems) - 20} more")
+    _print_problems(report.problems)
     print(report.summary())
     return 0
+
+
+def _align(args: argparse.Namespace) -> int:
+    from seqface_dist.data.tracks import TrackOptions, align_faces
+
+    opts = TrackOptions(min_score=args.min_score, margin=args.margin,
+                        size=_size(args.size, "--size"))
+    try:
+        report = align_faces(args.root, args.faces, args.out, opts,
+                             progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"seqface shards align: {e}", file=sys.stderr)
+        return 1
+    _print_problems(report.problems)
+    print(report.summary())
+    return 0
+
+
+def _print_problems(problems: list[str]) -> None:
+    for problem in problems[:20]:
+        print(f"skipped: {problem}")
+    if len(problems) > 20:
+        print(f"... and {len(problems) - 20} more")
 
 
 def _verify(args: argparse.Namespace) -> int:

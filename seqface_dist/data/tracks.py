@@ -1,4 +1,5 @@
-"""Face tracks from videos: a detector's boxes linked into tracks, cropped, aligned.
+"""Face tracks from videos: a detector's boxes linked into tracks, cropped, aligned; and
+the same crop or alignment for photos (``seqface shards align``).
 
 ``seqface shards tracks FRAMES DETECTIONS OUT`` turns
 
@@ -170,6 +171,26 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip(".") or "_"
 
 
+LANDMARK_COLUMNS = [f"l{a}{k}" for k in range(5) for a in "xy"]
+
+
+def _face_of(row: dict, has_lm: bool, need_box: bool = True
+             ) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """(box, landmarks or None, score) of one CSV row; ValueError naming what is wrong."""
+    lms = (np.array([float(row[c]) for c in LANDMARK_COLUMNS]).reshape(5, 2)
+           if has_lm else None)
+    score = float(row["score"]) if row.get("score") not in (None, "") else 1.0
+    if not need_box and lms is not None:
+        box = np.concatenate([lms.min(0), lms.max(0)])
+    else:
+        box = np.array([float(row[k]) for k in ("x1", "y1", "x2", "y2")])
+        if not (box[2] > box[0] and box[3] > box[1]):
+            raise ValueError(f"empty box {box.tolist()}")
+    if not np.isfinite(box).all() or (lms is not None and not np.isfinite(lms).all()):
+        raise ValueError("a coordinate is not a finite number")
+    return box, lms, score
+
+
 def read_detections(path: str, opts: TrackOptions, frames_root: Path,
                     report: TrackReport) -> dict[str, list[Detection]]:
     """Video -> its detections, from the CSV; rows that cannot be used go to problems."""
@@ -182,8 +203,7 @@ def read_detections(path: str, opts: TrackOptions, frames_root: Path,
         if rows.fieldnames is None or not need <= set(rows.fieldnames):
             raise ValueError(f"{path}: the header must name {sorted(need)} "
                              f"(got {rows.fieldnames})")
-        lm_cols = [f"l{a}{k}" for k in range(5) for a in "xy"]
-        has_lm = set(lm_cols) <= set(rows.fieldnames)
+        has_lm = set(LANDMARK_COLUMNS) <= set(rows.fieldnames)
         for n, row in enumerate(rows, start=2):
             where = f"{path}:{n}"
             video, frame = row["video"], Path(row["frame"]).stem
@@ -200,15 +220,9 @@ def read_detections(path: str, opts: TrackOptions, frames_root: Path,
                     report.problems.append(f"{where}: no frame {frame!r} in {video}/")
                 continue
             try:
-                box = np.array([float(row[k]) for k in ("x1", "y1", "x2", "y2")])
-                score = float(row["score"]) if row.get("score") not in (None, "") else 1.0
-                lms = (np.array([float(row[c]) for c in lm_cols]).reshape(5, 2)
-                       if has_lm else None)
+                box, lms, score = _face_of(row, has_lm)
             except ValueError as e:
                 report.problems.append(f"{where}: {e}")
-                continue
-            if not (box[2] > box[0] and box[3] > box[1]) or not np.isfinite(box).all():
-                report.problems.append(f"{where}: empty box {box.tolist()}")
                 continue
             if score < opts.min_score:
                 continue
@@ -259,4 +273,67 @@ def extract_tracks(frames_root: str, detections_csv: str, out_dir: str,
                 face.save(folder / f"{det.frame}.jpg", quality=opts.quality)
                 report.frames_written += 1
             report.tracks += 1
+    return report
+
+
+@dataclass
+class AlignReport:
+    faces: int = 0
+    written: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.faces} faces listed -> {self.written} crops written "
+                f"({len(self.problems)} problems)")
+
+
+def align_faces(root: str, faces_csv: str, out_dir: str, opts: TrackOptions | None = None,
+                progress: bool = False) -> AlignReport:
+    """Photos -> aligned crops: ``faces_csv`` rows ``image,[x1,y1,x2,y2,][score,]
+    [lx0,ly0,...,lx4,ly4]`` (``image`` relative to ``root``; landmarks align, a box alone
+    crops with a margin) become ``out_dir/<image path>.jpg`` (``_<k>`` for an image's k-th
+    face after its first), so an identity tree stays an identity tree."""
+    from tqdm import tqdm
+
+    opts = opts or TrackOptions()
+    base, out = Path(root), Path(out_dir)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    report = AlignReport()
+    with open(faces_csv, newline="") as f:
+        rows = csv.DictReader(f)
+        cols = set(rows.fieldnames or ())
+        has_lm = set(LANDMARK_COLUMNS) <= cols
+        if "image" not in cols or not (has_lm or {"x1", "y1", "x2", "y2"} <= cols):
+            raise ValueError(f"{faces_csv}: the header must name image and the landmarks "
+                             f"lx0..ly4 or a box x1,y1,x2,y2 (got {rows.fieldnames})")
+        seen: dict[str, int] = defaultdict(int)
+        for n, row in enumerate(tqdm(rows, unit="face", desc="aligning",
+                                     disable=not progress), start=2):
+            where = f"{faces_csv}:{n}"
+            report.faces += 1
+            rel = Path(row["image"])
+            src = base / rel
+            if rel.is_absolute() or ".." in rel.parts or not src.is_file():
+                report.problems.append(f"{where}: no image {row['image']!r} under {root}")
+                continue
+            try:
+                box, lms, score = _face_of(row, has_lm, need_box=not has_lm)
+            except ValueError as e:
+                report.problems.append(f"{where}: {e}")
+                continue
+            if score < opts.min_score:
+                continue
+            try:
+                with Image.open(src) as im:
+                    face = crop(im.convert("RGB"), Detection(rel.stem, 0, box, lms), opts)
+            except OSError as e:
+                report.problems.append(f"{where}: {src}: {e}")
+                continue
+            k = seen[row["image"]]
+            seen[row["image"]] += 1
+            dest = out / rel.parent / f"{rel.stem}{f'_{k}' if k else ''}.jpg"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            face.save(dest, quality=opts.quality)
+            report.written += 1
     return report
