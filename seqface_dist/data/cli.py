@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--margin", type=float, default=0.2,
                    help="box share added on each side when cropping without landmarks")
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(handler=_tracks)
+    t.set_defaults(handler=_faces)
 
     a = ssub.add_parser("align", help="aligned face crops from photos and a detector's "
                         "landmarks (or boxes), keeping the folder layout",
@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--margin", type=float, default=0.2,
                    help="box share added on each side when cropping without landmarks")
     a.add_argument("--no-progress", action="store_true")
-    a.set_defaults(handler=_align)
+    a.set_defaults(handler=_faces)
 
     v = ssub.add_parser("verify", help="check a shard set against its manifest")
     v.add_argument("url")
@@ -127,44 +127,30 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tracks(args: argparse.Namespace) -> int:
-    from seqface_dist.data.tracks import TrackOptions, extract_tracks
+def _faces(args: argparse.Namespace) -> int:
+    """``shards tracks`` (video frames) and ``shards align`` (photos): crops of faces."""
+    from seqface_dist.data.tracks import TrackOptions, align_faces, extract_tracks
 
-    opts = TrackOptions(iou=args.iou, max_gap=args.max_gap, min_len=args.min_len,
-                        min_score=args.min_score, margin=args.margin,
-                        size=_size(args.size, "--size"))
-    try:
-        report = extract_tracks(args.frames, args.detections, args.out, opts,
-                                progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"seqface shards tracks: {e}", file=sys.stderr)
-        return 1
-    _print_problems(report.problems)
-    print(report.summary())
-    return 0
-
-
-def _align(args: argparse.Namespace) -> int:
-    from seqface_dist.data.tracks import TrackOptions, align_faces
-
+    tracks = args.shards_command == "tracks"
+    linking = dict(iou=args.iou, max_gap=args.max_gap, min_len=args.min_len) if tracks else {}
     opts = TrackOptions(min_score=args.min_score, margin=args.margin,
-                        size=_size(args.size, "--size"))
+                        size=_size(args.size, "--size"), **linking)
     try:
-        report = align_faces(args.root, args.faces, args.out, opts,
-                             progress=not args.no_progress)
+        if tracks:
+            report = extract_tracks(args.frames, args.detections, args.out, opts,
+                                    progress=not args.no_progress)
+        else:
+            report = align_faces(args.root, args.faces, args.out, opts,
+                                 progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
-        print(f"seqface shards align: {e}", file=sys.stderr)
+        print(f"seqface shards {args.shards_command}: {e}", file=sys.stderr)
         return 1
-    _print_problems(report.problems)
+    for problem in report.problems[:20]:
+        print(f"skipped: {problem}")
+    if len(report.problems) > 20:
+        print(f"... and {len(report.problems) - 20} more")
     print(report.summary())
     return 0
-
-
-def _print_problems(problems: list[str]) -> None:
-    for problem in problems[:20]:
-        print(f"skipped: {problem}")
-    if len(problems) > 20:
-        print(f"... and {len(problems) - 20} more")
 
 
 def _verify(args: argparse.Namespace) -> int:
