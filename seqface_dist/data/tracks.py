@@ -132,7 +132,7 @@ def template(size: tuple[int, int]) -> np.ndarray:
     scaled with the height and centred in the width (112x96 gives SphereFace's)."""
     h, w = size
     pts = ARCFACE_112 * (h / 112.0)
-    pts[:, 0] += (w - 112.0 * h / 112.0) / 2.0
+    pts[:, 0] += (w - h) / 2.0  # the scaled square template, centred in the width
     return pts
 
 
