@@ -37,8 +37,8 @@ from seqface_dist.train.history import history_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "obs"
-STEPS = 180
-EVAL_EVERY = 60
+STEPS = 360  # ~2x the ~10 s Prometheus takes to discover and first scrape both workers here
+EVAL_EVERY = 120
 READY_S = 60.0  # Prometheus up and answering
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]  # starts Ray: the slow tier
