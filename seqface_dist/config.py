@@ -441,7 +441,8 @@ def eval_set_kind(path: str) -> str:
     return "bin" if path.rstrip("/").endswith(".bin") else "pairs"
 
 
-def _stem(path: str) -> str:
+def eval_set_name(path: str) -> str:
+    """A set named after its file (lfw.bin -> lfw) or folder."""
     base = path.rstrip("/").rsplit("/", 1)[-1]
     return base.rsplit(".", 1)[0] if "." in base else base
 
@@ -465,7 +466,7 @@ class EvalConfig:
         if not self.pairs:
             return list(self.sets)
         kind = eval_set_kind(self.pairs)
-        name = _stem(self.pairs) if kind == "bin" or not self.root else _stem(self.root)
+        name = eval_set_name(self.pairs if kind == "bin" or not self.root else self.root)
         name = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:64] or "pairs"
         return [EvalSetConfig(name=name, path=self.pairs, root=self.root)]
 

@@ -178,6 +178,14 @@ def test_cli_bin_pairs_and_malicious(tmp_path: Path, capsys) -> None:
     assert rc == 0
     assert "10-fold accuracy: 1.0000 ± 0.0000" in out and "TAR@FAR=0.001" in out
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    # Several sets at once (arcface_torch's lfw + cfp_fp + agedb_30): one line each.
+    (tmp_path / "again.bin").write_bytes((tmp_path / "colors.bin").read_bytes())
+    rc = main(["eval", "bin", "--model", str(tmp_path / "m.pt"), "--trust-model", "--bin",
+               str(tmp_path / "colors.bin"), str(tmp_path / "again.bin"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "== colors\n" in out and "== again\n" in out, out
+    assert out.splitlines()[-3:] == ["set     accuracy", "colors  1.0000 ± 0.0000",
+                                     "again   1.0000 ± 0.0000"], out
 
     marker = tmp_path / "pwned"
 

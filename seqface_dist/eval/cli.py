@@ -2,6 +2,7 @@
 
     seqface eval pairs --model run/export --pairs lfw/pairs.txt --root lfw/images --flip
     seqface eval bin   --model w.safetensors --backbone sphere20 --bin lfw.bin --roc roc.png
+    seqface eval bin   --model run/export --bin lfw.bin cfp_fp.bin agedb_30.bin   # together
     seqface eval video --model model.pt --trust-model --splits ytf/splits.txt --root ytf/frames
     seqface eval ijb   --model run/export --root IJB_release/IJBB --flip --json ijbb.json
 
@@ -28,8 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(pp)
     pp.set_defaults(handler=_run_pairs)
 
-    pb = esub.add_parser("bin", help="an insightface-style .bin verification file")
-    pb.add_argument("--bin", required=True, dest="bin_file", help="the .bin file")
+    pb = esub.add_parser("bin", help="insightface-style .bin verification files, one or "
+                         "several (lfw, cfp_fp, agedb_30 ... evaluated together)")
+    pb.add_argument("--bin", required=True, dest="bin_files", nargs="+", metavar="BIN",
+                    help="the .bin files (local or s3://); each named by its file stem")
     _common(pb)
     pb.set_defaults(handler=_run_bin)
 
@@ -155,7 +158,30 @@ def _run_pairs(args: argparse.Namespace) -> int:
 
 @_clear_errors
 def _run_bin(args: argparse.Namespace) -> int:
-    return _eval_set(args, args.bin_file, None)
+    """Every .bin with one model load; each set's summary, then a table of all of them."""
+    from seqface_dist.config import EvalSetConfig, eval_set_name
+    from seqface_dist.eval.evaluate import evaluate_model
+    from seqface_dist.eval.sets import load_eval_set
+
+    net, size = _model(args)
+    results = {}
+    for path in args.bin_files:
+        vset = load_eval_set(EvalSetConfig(name=eval_set_name(path), path=path))
+        res = evaluate_model(net, vset, flip=args.flip, batch_size=args.batch_size,
+                             input_size=size, far_targets=args.far,
+                             progress=not args.no_progress, device=args.device)
+        print(f"== {vset.name}\n{res.summary()}")
+        results[vset.name] = res
+    if len(results) > 1:
+        width = max(len(n) for n in results)
+        print("\n".join([f"{'set':<{width}}  accuracy", *(
+            f"{n:<{width}}  {r.accuracy:.4f} ± {r.accuracy_std:.4f}"
+            for n, r in results.items())]))
+    if args.roc:
+        from seqface_dist.eval.verification import plot_roc
+
+        print(f"ROC curve: {plot_roc(results, args.roc, title='ROC')}")
+    return 0
 
 
 @_clear_errors
