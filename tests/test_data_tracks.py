@@ -103,6 +103,14 @@ def test_alignment_puts_the_landmarks_on_the_template(size):
     np.testing.assert_allclose(found, template(size), atol=1.0)
 
 
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def write_video(root: Path, name: str, frames: int, faces) -> list[dict]:
     """Frames with a coloured square per face; returns the detector's rows."""
     rows = []
@@ -126,11 +134,7 @@ def test_tracks_cli_to_a_sequence_shard_set(tmp_path):
     rows += write_video(frames, "clip2", 3, lambda t: [(red, (100, 100))])  # too short
     rows.append({"video": "clip1", "frame": "99", "x1": 0, "y1": 0, "x2": 9, "y2": 9,
                  "score": 1})  # a frame that does not exist
-    dets = tmp_path / "dets.csv"
-    with open(dets, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    dets = write_csv(tmp_path / "dets.csv", rows)
 
     out = tmp_path / "tracks"
     r = seqface("tracks", str(frames), str(dets), str(out), "--min-len", "5", "--no-progress")
@@ -182,11 +186,7 @@ def test_align_cli_aligns_photos_keeping_the_identity_tree(tmp_path):
                                                      for i, a in enumerate("xy")}})
     rows.append({**rows[0]})  # a second face in ann/1.png
     rows.append({**rows[0], "image": "../outside.png"})  # never read
-    faces = tmp_path / "faces.csv"
-    with open(faces, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    faces = write_csv(tmp_path / "faces.csv", rows)
 
     out = tmp_path / "aligned"
     r = seqface("align", str(photos), str(faces), str(out), "--size", "112x96",

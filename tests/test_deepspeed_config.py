@@ -16,7 +16,7 @@ from dist_util import run_ranks
 from seqface_dist import deepspeed_json as dsc
 from seqface_dist.config import ConfigError, load_config
 from seqface_dist.train.smoke import smoke_config
-from seqface_dist.train.worker import ds_config, ds_config_and_overrides
+from seqface_dist.train.worker import ds_config
 
 
 def _write(tmp_path: Path, content, name: str = "ds.json") -> Path:
@@ -31,14 +31,14 @@ def _cfg(path, *extra: str):
 
 def test_without_a_file_the_engine_config_is_seqfaces_own():
     cfg = smoke_config(None, ["train.zero_stage=1", "train.precision=bf16"])
-    got, overridden = ds_config_and_overrides(cfg, 8, world=2)
+    got, overridden = ds_config(cfg, 8, world=2)
     assert overridden == []
     assert got == {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
                    "train_batch_size": 16, "zero_optimization": {"stage": 1},
                    "bf16": {"enabled": True}, "gradient_clipping": 0.0,
                    "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30,
                    "wall_clock_breakdown": False}
-    assert "train_batch_size" not in ds_config(cfg, 8)  # no world: DeepSpeed derives it
+    assert "train_batch_size" not in ds_config(cfg, 8)[0]  # no world: DeepSpeed derives it
 
 
 def test_user_keys_are_kept_and_seqfaces_win_each_listed(tmp_path):
@@ -50,7 +50,7 @@ def test_user_keys_are_kept_and_seqfaces_win_each_listed(tmp_path):
             "fp16": {"enabled": False, "initial_scale_power": 12}}
     cfg = _cfg(_write(tmp_path, user), "train.zero_stage=1",
                "train.gradient_accumulation_steps=2")
-    got, overridden = ds_config_and_overrides(cfg, 16, world=2)
+    got, overridden = ds_config(cfg, 16, world=2)
     assert got["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1234,
                                         "overlap_comm": False}
     assert got["steps_per_print"] == 5 and got["communication_data_type"] == "fp32"
@@ -73,12 +73,12 @@ def test_fp16_takes_the_users_loss_scaler_settings(tmp_path):
     path = _write(tmp_path, {"fp16": {"initial_scale_power": 12, "loss_scale_window": 200,
                                       "hysteresis": 2, "min_loss_scale": 1}})
     cfg = _cfg(path, "train.precision=fp16", "train.use_gpu=true", "train.zero_stage=1")
-    got = ds_config(cfg, 8)
+    got = ds_config(cfg, 8)[0]
     assert got["fp16"] == {"enabled": True, "initial_scale_power": 12,
                            "loss_scale_window": 200, "hysteresis": 2, "min_loss_scale": 1}
     assert got["bf16"] == {"enabled": False}
     plain = ds_config(smoke_config(None, ["train.precision=fp16", "train.use_gpu=true",
-                                          "train.zero_stage=1"]), 8)
+                                          "train.zero_stage=1"]), 8)[0]
     assert plain["fp16"] == {"enabled": True}  # loss_scale 0 (default): dynamic
 
 

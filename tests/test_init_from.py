@@ -180,26 +180,25 @@ def test_a_run_checkpoint_starts_a_new_run_and_validation_guards_the_path(tmp_pa
     ckpt = tmp_path / "ckpt"
     (r,) = run_ranks(_checkpoint, 1, str(ckpt), timeout=300)
     assert "ok" in r, r.get("trace")
-    cfg = _tiny_cfg(f"train.init_from={ckpt}")
-    net = build_backbone(cfg.model)
-    assert "run checkpoint" in load_init_from(net, cfg.train.init_from, cfg.model)
-    for k, v in net.state_dict().items():
-        assert torch.equal(v, r["ok"][k]), k
-    # A run folder: its newest committed checkpoint.
-    run = tmp_path / "run"
+    def loads_the_checkpoint(source: Path, kind: str) -> None:
+        cfg = _tiny_cfg(f"train.init_from={source}")
+        net = build_backbone(cfg.model)
+        assert f"({kind}," in load_init_from(net, cfg.train.init_from, cfg.model)
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, r["ok"][k]), k
+
+    loads_the_checkpoint(ckpt, "run checkpoint")
+    run = tmp_path / "run"  # a run folder: its newest committed checkpoint
     shutil.copytree(ckpt, run / "checkpoint-000000001-0123abcd")
-    cfg = _tiny_cfg(f"train.init_from={run}")
-    net = build_backbone(cfg.model)
-    assert "(run," in load_init_from(net, cfg.train.init_from, cfg.model)
-    for k, v in net.state_dict().items():
-        assert torch.equal(v, r["ok"][k]), k
+    loads_the_checkpoint(run, "run")
     # A checkpoint changed after its commit is refused (its hashes are checked).
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     engine_file = next((broken / "engine").rglob("*model_states.pt"))
     engine_file.write_bytes(engine_file.read_bytes()[:-10])
+    model = _tiny_cfg().model
     with pytest.raises(Exception, match="engine"):
-        load_init_from(build_backbone(cfg.model), str(broken), cfg.model)
+        load_init_from(build_backbone(model), str(broken), model)
 
 
 def test_init_from_is_validated_before_any_work(tmp_path):
@@ -276,7 +275,7 @@ def test_init_from_and_deepspeed_config_read_from_s3(tmp_path):
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         run = _tiny_cfg("train.init_from=s3://bucket/models/export",
                         "train.deepspeed_config=s3://bucket/ds.json")
-        assert ds_config(run, 8)["steps_per_print"] == 9
+        assert ds_config(run, 8)[0]["steps_per_print"] == 9
         net = build_backbone(run.model)
         assert "export" in load_init_from(net, run.train.init_from, run.model)
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),

@@ -105,7 +105,6 @@ def test_s3_event_files_are_uploaded_at_flush_and_a_resume_purges_redone_steps()
 
 
 def test_mlflow_file_store_gets_params_and_metrics_per_step(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 prefers a database
     from mlflow.tracking import MlflowClient
 
@@ -155,7 +154,6 @@ def test_a_failing_tracker_is_skipped_and_never_raises(tmp_path, monkeypatch):
 def test_training_writes_event_files_and_evaluates_every_set(shards, tmp_path, monkeypatch):
     """One Ray run: two evaluation sets (local, S3) every 10 steps, TensorBoard files
     with the loss terms and each set's accuracy, and the MLflow run."""
-    pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # inherited by the Ray workers
     from mlflow.tracking import MlflowClient
     from test_eval_sets import _bin

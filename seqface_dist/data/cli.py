@@ -53,17 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("frames", help="FRAMES folder: one sub-folder of frames per video")
     t.add_argument("detections", help="CSV of face boxes (see the description)")
     t.add_argument("out", help="output folder (a sequence tree)")
-    t.add_argument("--size", default="112x112",
-                   help="HEIGHTxWIDTH of the crops (default 112x112, arcface's; 112x96 is "
-                   "SphereFace's)")
     t.add_argument("--iou", type=float, default=0.5, help="IoU that continues a track")
     t.add_argument("--max-gap", type=int, default=2, help="frames a track may miss")
     t.add_argument("--min-len", type=int, default=5, help="shorter tracks are dropped")
-    t.add_argument("--min-score", type=float, default=0.0, help="ignore weaker detections")
-    t.add_argument("--margin", type=float, default=0.2,
-                   help="box share added on each side when cropping without landmarks")
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(handler=_faces)
+    _crop_options(t)
 
     a = ssub.add_parser("align", help="aligned face crops from photos and a detector's "
                         "landmarks (or boxes), keeping the folder layout",
@@ -76,12 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("root", help="folder the CSV's image paths are relative to")
     a.add_argument("faces", help="CSV of faces (see the description)")
     a.add_argument("out", help="output folder")
-    a.add_argument("--size", default="112x112", help="HEIGHTxWIDTH (default 112x112)")
-    a.add_argument("--min-score", type=float, default=0.0, help="ignore weaker detections")
-    a.add_argument("--margin", type=float, default=0.2,
-                   help="box share added on each side when cropping without landmarks")
-    a.add_argument("--no-progress", action="store_true")
-    a.set_defaults(handler=_faces)
+    _crop_options(a)
 
     v = ssub.add_parser("verify", help="check a shard set against its manifest")
     v.add_argument("url")
@@ -92,6 +80,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("url")
     i.add_argument("--endpoint-url", default="")
     i.set_defaults(handler=_info)
+
+
+def _crop_options(p: argparse.ArgumentParser) -> None:
+    """The crop options ``shards tracks`` and ``shards align`` share."""
+    p.add_argument("--size", default="112x112",
+                   help="HEIGHTxWIDTH of the crops (default 112x112, arcface's; 112x96 is "
+                   "SphereFace's)")
+    p.add_argument("--min-score", type=float, default=0.0, help="ignore weaker detections")
+    p.add_argument("--margin", type=float, default=0.2,
+                   help="box share added on each side when cropping without landmarks")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_faces)
 
 
 def _size(text: str, flag: str = "--image-size") -> tuple[int, int]:

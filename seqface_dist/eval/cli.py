@@ -114,12 +114,23 @@ def _model(args: argparse.Namespace):  # -> (nn.Module, input_size or None)
     return net, args.input_size
 
 
-def _finish(args: argparse.Namespace, res, label: str) -> int:
-    print(res.summary())
+def _finish(args: argparse.Namespace, results: dict) -> int:
+    """Each result's summary (headed by its name when there are several, then a table of
+    their accuracies), and the ROC of all of them with --roc."""
+    if len(results) == 1:
+        print(next(iter(results.values())).summary())
+    else:
+        for name, res in results.items():
+            print(f"== {name}\n{res.summary()}")
+        width = max(len(n) for n in results)
+        print("\n".join([f"{'set':<{width}}  accuracy", *(
+            f"{n:<{width}}  {r.accuracy:.4f} ± {r.accuracy_std:.4f}"
+            for n, r in results.items())]))
     if args.roc:
         from seqface_dist.eval.verification import plot_roc
 
-        print(f"ROC curve: {plot_roc({label: res}, args.roc, title=f'ROC: {label}')}")
+        title = f"ROC: {next(iter(results))}" if len(results) == 1 else "ROC"
+        print(f"ROC curve: {plot_roc(results, args.roc, title=title)}")
     return 0
 
 
@@ -131,7 +142,7 @@ def _eval_set(args: argparse.Namespace, path: str, root: str | None) -> int:
     res = evaluate_model(net, vset, flip=args.flip, batch_size=args.batch_size,
                          input_size=size, far_targets=args.far, progress=not args.no_progress,
                          device=args.device)
-    return _finish(args, res, vset.name)
+    return _finish(args, {vset.name: res})
 
 
 def _clear_errors(fn):
@@ -167,21 +178,10 @@ def _run_bin(args: argparse.Namespace) -> int:
     results = {}
     for path in args.bin_files:
         vset = load_eval_set(EvalSetConfig(name=eval_set_name(path), path=path))
-        res = evaluate_model(net, vset, flip=args.flip, batch_size=args.batch_size,
-                             input_size=size, far_targets=args.far,
-                             progress=not args.no_progress, device=args.device)
-        print(f"== {vset.name}\n{res.summary()}")
-        results[vset.name] = res
-    if len(results) > 1:
-        width = max(len(n) for n in results)
-        print("\n".join([f"{'set':<{width}}  accuracy", *(
-            f"{n:<{width}}  {r.accuracy:.4f} ± {r.accuracy_std:.4f}"
-            for n, r in results.items())]))
-    if args.roc:
-        from seqface_dist.eval.verification import plot_roc
-
-        print(f"ROC curve: {plot_roc(results, args.roc, title='ROC')}")
-    return 0
+        results[vset.name] = evaluate_model(
+            net, vset, flip=args.flip, batch_size=args.batch_size, input_size=size,
+            far_targets=args.far, progress=not args.no_progress, device=args.device)
+    return _finish(args, results)
 
 
 @_clear_errors
@@ -195,7 +195,7 @@ def _run_video(args: argparse.Namespace) -> int:
                                flip=args.flip, batch_size=args.batch_size, input_size=size,
                                far_targets=args.far, progress=not args.no_progress,
                                device=args.device)
-    return _finish(args, res, "video")
+    return _finish(args, {"video": res})
 
 
 @_clear_errors

@@ -41,9 +41,10 @@ __all__ = [
 
 
 def start_worker_metrics(cfg: MetricsConfig, run: str, rank: int,
-                         world_size: int | None = None,
-                         node_ip: str = "") -> tuple[WorkerMetrics | NullMetrics, str | None]:
-    """Create this worker's metrics and start its endpoint.
+                         world_size: int | None = None, node_ip: str = "",
+                         local_rank: int = 0) -> tuple[WorkerMetrics | NullMetrics, str | None]:
+    """Create this worker's metrics and start its endpoint (on ``cfg.port + local_rank``
+    when ``cfg.port`` is a fixed base, else on any free port).
 
     Returns (metrics, target): target is the ``host:port`` Prometheus should scrape
     (``cfg.advertise_host``, else ``node_ip`` when bound to a wildcard, else the bound
@@ -52,7 +53,7 @@ def start_worker_metrics(cfg: MetricsConfig, run: str, rank: int,
     if not cfg.enabled:
         return NullMetrics(), None
     m = WorkerMetrics(run=run, rank=rank, node=node_ip or None, world_size=world_size)
-    port = m.start(cfg.host, cfg.port)
+    port = m.start(cfg.host, cfg.port, local_rank)
     advertise = cfg.advertise_host
     if not advertise and cfg.host in ("0.0.0.0", "::"):
         advertise = node_ip

@@ -53,14 +53,10 @@ def _deepspeed(cfg: Config):
     return deepspeed
 
 
-def ds_config(cfg: Config, micro_batch: int, world: int | None = None) -> dict:
-    """The engine's config: ``train.deepspeed_config`` (if any) under seqface's keys."""
-    return ds_config_and_overrides(cfg, micro_batch, world)[0]
-
-
-def ds_config_and_overrides(cfg: Config, micro_batch: int, world: int | None = None
-                            ) -> tuple[dict, list[str]]:
-    """(the engine's config, the user's keys seqface overrode, as 'key (user a -> b)').
+def ds_config(cfg: Config, micro_batch: int, world: int | None = None
+              ) -> tuple[dict, list[str]]:
+    """(the engine's config: ``train.deepspeed_config`` (if any) under seqface's keys, the
+    user's keys seqface overrode, as 'key (user a -> b)').
 
     ``micro_batch``: one micro-batch per rank (the step's batch / accumulation steps);
     ``world``: ranks (None: DeepSpeed derives train_batch_size itself). The user's JSON
@@ -142,7 +138,7 @@ def deepspeed_trainer(cfg: Config, micro_batch: int, num_identities: int,
     if said and rank0:
         _say(said)
     bb_opt = backbone_optimizer(backbone, cfg.optim)
-    config, overridden = ds_config_and_overrides(cfg, micro_batch // k, world)
+    config, overridden = ds_config(cfg, micro_batch // k, world)
     if overridden and rank0:
         _say("deepspeed_config: overridden by seqface: " + ", ".join(overridden))
     engine, bb_opt, _, _ = deepspeed.initialize(
@@ -258,13 +254,11 @@ def _start_metrics(w: _Worker):
     import ray.train
 
     from seqface_dist.metrics import register_endpoint, start_worker_metrics
-    from seqface_dist.metrics.worker import endpoint_port
 
     node_ip = ray.util.get_node_ip_address()
-    local_rank = ray.train.get_context().get_local_rank()
-    mcfg = replace(w.cfg.metrics, port=endpoint_port(w.cfg.metrics.port, local_rank))
-    metrics, target = start_worker_metrics(mcfg, w.cfg.train.run_name, w.rank, w.world,
-                                           node_ip)
+    metrics, target = start_worker_metrics(
+        w.cfg.metrics, w.cfg.train.run_name, w.rank, w.world, node_ip,
+        local_rank=ray.train.get_context().get_local_rank())
     if target and w.cfg.metrics.service_discovery_dir:
         register_endpoint(w.cfg.train.run_name, w.rank, node_ip, target)
     h = w.trainer.head
